@@ -1,0 +1,681 @@
+"""`python -m bench`: run every scenario against the limit server and ufo_trio, print the ratios.
+
+For each scenario and each server, in one invocation:
+
+1. start a fresh server process (`python -m bench.refserver` or `python -m ufo_trio`) pinned to
+   one CPU, and read its port from the `... listening on ws://host:port/ws` line;
+2. run `python -m bench.loadgen <scenario>` in its own process pinned to another CPU; it loads
+   the server and measures it through /proc/<server pid>;
+3. stop the server with SIGINT and check it exits 0.
+
+A fresh server per scenario keeps one scenario's allocator state out of the next one's RSS
+figures. The servers alternate order between scenarios and repetitions so neither always runs
+on a "warm" or "cold" machine. The result is a Markdown table on stdout and a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from . import _proc
+
+REPO = Path(__file__).resolve().parent.parent
+LIMIT = "limit"
+UFO = "ufo_trio"
+_LISTEN_RE = re.compile(r"listening on ws://(?P<host>\[[^\]]+\]|[^:/\s]+):(?P<port>\d+)/ws")
+
+
+@attrs.frozen(kw_only=True)
+class Scenario:
+    name: str
+    kind: str
+    title: str
+    params: dict[str, Any]
+    servers: tuple[str, ...] = (LIMIT, UFO)
+    timeout: float = 300.0
+
+
+def plan(smoke: bool, duration: float) -> list[Scenario]:
+    """The scenarios of issue 6; `smoke` keeps their shape at toy sizes (a few seconds total)."""
+    if smoke:
+        hb = {"duration": 0.5, "warmup": 0.2}
+        return [
+            Scenario(
+                name="idle-20",
+                kind="idle",
+                title="idle ×20",
+                params={"conns": 20, "settle": 0.1},
+                timeout=30,
+            ),
+            Scenario(
+                name="heartbeat-10",
+                kind="heartbeat",
+                title="heartbeat ×10",
+                params={"conns": 10, **hb},
+                timeout=30,
+            ),
+            Scenario(
+                name="storm-20",
+                kind="storm",
+                title="registration storm ×20",
+                params={"conns": 20},
+                timeout=30,
+            ),
+            Scenario(
+                name="tasks-20",
+                kind="tasks",
+                title="tasks ×20",
+                params={"count": 20},
+                servers=(UFO,),
+                timeout=30,
+            ),
+            Scenario(
+                name="bigresult-256KiB",
+                kind="bigresult",
+                title="256 KiB result ×2",
+                params={"count": 2, "size": 256 * 1024},
+                servers=(UFO,),
+                timeout=30,
+            ),
+        ]
+    hb = {"duration": duration, "warmup": 1.0}
+    return [
+        Scenario(name="idle-1k", kind="idle", title="idle ×1,000", params={"conns": 1000}),
+        Scenario(
+            name="idle-10k", kind="idle", title="idle ×10,000", params={"conns": 10000}, timeout=600
+        ),
+        Scenario(
+            name="heartbeat-100",
+            kind="heartbeat",
+            title="heartbeat ×100",
+            params={"conns": 100, **hb},
+        ),
+        Scenario(
+            name="heartbeat-1000",
+            kind="heartbeat",
+            title="heartbeat ×1,000",
+            params={"conns": 1000, **hb},
+        ),
+        Scenario(
+            name="storm-2000",
+            kind="storm",
+            title="registration storm ×2,000",
+            params={"conns": 2000},
+        ),
+        Scenario(
+            name="tasks-1000",
+            kind="tasks",
+            title="tasks ×1,000 (one step)",
+            params={"count": 1000},
+            servers=(UFO,),
+        ),
+        Scenario(
+            name="bigresult-4MiB",
+            kind="bigresult",
+            title="4 MiB result ×5",
+            params={"count": 5, "size": 4 * 2**20},
+            servers=(UFO,),
+        ),
+    ]
+
+
+class ServerUnavailable(Exception):
+    """The server process did not come up (not implemented yet, crashed, bad flags)."""
+
+
+@attrs.define(eq=False)
+class ServerProc:
+    """One running server under test."""
+
+    kind: str
+    proc: subprocess.Popen[bytes]
+    host: str
+    port: int
+    token: str
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGINT, as an operator would; returns the exit status (None if it had to be killed)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                return None
+        return self.proc.returncode
+
+
+@attrs.frozen(kw_only=True)
+class Options:
+    json_lib: str
+    server_cpu: int | None
+    gen_cpu: int | None
+    ufo_args: tuple[str, ...]
+    logdir: Path
+
+
+def server_command(kind: str, opts: Options, token: str) -> list[str]:
+    if kind == LIMIT:
+        return [sys.executable, "-m", "bench.refserver", "--port", "0", "--json", opts.json_lib]
+    return [
+        sys.executable,
+        "-m",
+        "ufo_trio",
+        "--port",
+        "0",
+        "--api-key",
+        token,
+        "--log-level",
+        "WARNING",
+        *opts.ufo_args,
+    ]
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # Run the checkout's code (bench and ufo_trio) whatever the caller's working directory.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def start_server(kind: str, opts: Options, label: str, startup_timeout: float = 30.0) -> ServerProc:
+    token = secrets.token_urlsafe(16)
+    log = opts.logdir / f"{label}.log"
+    # Output goes to a file, not a pipe: a server that logs a lot must never block on a full
+    # pipe that nobody reads while the generator is measuring it.
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            server_command(kind, opts, token),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO,
+            env=child_env(),
+        )
+    _proc.pin(proc.pid, opts.server_cpu)
+    deadline = time.monotonic() + startup_timeout
+    while time.monotonic() < deadline:
+        m = _LISTEN_RE.search(log.read_text(errors="replace"))
+        if m:
+            host = m.group("host").strip("[]")
+            return ServerProc(
+                kind=kind, proc=proc, host=host, port=int(m.group("port")), token=token, log=log
+            )
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+    raise ServerUnavailable(f"{kind} did not start (exit {proc.returncode}): {' | '.join(tail)}")
+
+
+def run_loadgen(server: ServerProc, scenario: Scenario, opts: Options) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.loadgen",
+        scenario.kind,
+        "--host",
+        server.host,
+        "--port",
+        str(server.port),
+        "--token",
+        server.token,
+        "--server-pid",
+        str(server.pid),
+        "--timeout",
+        str(scenario.timeout),
+    ]
+    for key, value in scenario.params.items():
+        cmd += [f"--{key}", str(value)]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        cwd=REPO,
+        env=child_env(),
+    )
+    _proc.pin(proc.pid, opts.gen_cpu)
+    try:
+        out, err = proc.communicate(timeout=scenario.timeout + 60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return {"error": "load generator did not finish in time"}
+    lines = out.decode(errors="replace").strip().splitlines()
+    try:
+        result: dict[str, Any] = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        tail = err.decode(errors="replace").strip().splitlines()[-3:]
+        return {"error": f"load generator failed (exit {proc.returncode}): {' | '.join(tail)}"}
+    return result
+
+
+def run_one(kind: str, scenario: Scenario, opts: Options, label: str) -> dict[str, Any]:
+    server = start_server(kind, opts, label)
+    try:
+        result = run_loadgen(server, scenario, opts)
+    finally:
+        status = server.stop()
+    result["server_exit"] = status
+    if status != 0 and "error" not in result:
+        result["error"] = f"server exit status {status} after SIGINT (expected 0)"
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures: what the table shows, pulled from the generator's JSON.
+
+
+@attrs.frozen(kw_only=True)
+class Figure:
+    kind: str
+    label: str
+    get: Callable[[dict[str, Any]], float | None]
+    fmt: str = "{:.1f}"
+    lower_is_better: bool = True
+    #: (max ratio ufo/limit, text) or None: checked against the ratio column.
+    ratio_target: tuple[float, str] | None = None
+    #: (max absolute ufo value, text) or None.
+    abs_target: tuple[float, str] | None = None
+
+
+def _path(*keys: str) -> Callable[[dict[str, Any]], float | None]:
+    def get(result: dict[str, Any]) -> float | None:
+        value: Any = result
+        for key in keys:
+            if not isinstance(value, dict) or key not in value:
+                return None
+            value = value[key]
+        return float(value) if isinstance(value, int | float) else None
+
+    return get
+
+
+FIGURES: list[Figure] = [
+    Figure(
+        kind="heartbeat",
+        label="server CPU µs / round trip",
+        get=_path("server_cpu_us_per_rt"),
+        ratio_target=(1.10, "≤ 1.10×"),
+    ),
+    Figure(
+        kind="heartbeat",
+        label="round trips / s",
+        get=_path("rt_per_s"),
+        fmt="{:,.0f}",
+        lower_is_better=False,
+    ),
+    Figure(kind="heartbeat", label="RTT p50 ms", get=_path("rtt", "p50_ms"), fmt="{:.2f}"),
+    Figure(kind="heartbeat", label="RTT p99 ms", get=_path("rtt", "p99_ms"), fmt="{:.2f}"),
+    Figure(
+        kind="heartbeat",
+        label="server CPU use (saturation)",
+        get=_path("server_util"),
+        fmt="{:.0%}",
+        lower_is_better=False,
+    ),
+    Figure(kind="heartbeat", label="generator CPU use", get=_path("gen_util"), fmt="{:.0%}"),
+    Figure(
+        kind="idle",
+        label="RSS KiB / idle device",
+        get=_path("rss_per_device_kib"),
+        abs_target=(40.0, "≤ 40 KiB (stretch 25)"),
+    ),
+    Figure(
+        kind="idle",
+        label="RSS growth, 2nd cycle vs 1st",
+        get=_path("cycle_growth_pct"),
+        fmt="{:+.1f} %",
+        abs_target=(5.0, "within 5 %"),
+    ),
+    Figure(kind="idle", label="baseline RSS MiB", get=lambda r: _mib(r.get("baseline_rss"))),
+    Figure(
+        kind="storm",
+        label="registrations / s (connect + first reply)",
+        get=_path("reg_per_s"),
+        fmt="{:,.0f}",
+        lower_is_better=False,
+    ),
+    Figure(
+        kind="storm",
+        label="server CPU µs / registration",
+        get=_path("server_cpu_us_per_reg"),
+        fmt="{:.0f}",
+    ),
+    Figure(kind="storm", label="connect → first reply p50 ms", get=_path("latency", "p50_ms")),
+    Figure(kind="storm", label="connect → first reply p99 ms", get=_path("latency", "p99_ms")),
+    Figure(
+        kind="tasks", label="TASK → TASK_END p50 ms", get=_path("task_rtt", "p50_ms"), fmt="{:.2f}"
+    ),
+    Figure(
+        kind="tasks", label="TASK → TASK_END p99 ms", get=_path("task_rtt", "p99_ms"), fmt="{:.2f}"
+    ),
+    Figure(
+        kind="tasks",
+        label="heartbeat RTT p50 ms (same connection)",
+        get=_path("heartbeat_rtt", "p50_ms"),
+        fmt="{:.3f}",
+    ),
+    Figure(
+        kind="tasks",
+        label="task p50 / heartbeat p50",
+        get=_path("task_over_heartbeat_p50"),
+        fmt="{:.2f}×",
+        abs_target=(3.0, "≤ 3×"),
+    ),
+    Figure(
+        kind="tasks",
+        label="server CPU µs / task",
+        get=_path("server_cpu_us_per_task"),
+        fmt="{:.0f}",
+    ),
+    Figure(
+        kind="bigresult",
+        label="result MiB/s (device → server → both TASK_ENDs)",
+        get=_path("mib_per_s"),
+        fmt="{:.0f}",
+        lower_is_better=False,
+    ),
+    Figure(
+        kind="bigresult",
+        label="COMMAND_RESULTS → TASK_END p50 ms",
+        get=_path("results_to_end", "p50_ms"),
+    ),
+    Figure(
+        kind="bigresult",
+        label="server CPU ms / task",
+        get=lambda r: _scale(r.get("server_cpu_us_per_task"), 1e-3),
+    ),
+]
+
+
+def _mib(value: Any) -> float | None:
+    return value / 2**20 if isinstance(value, int | float) else None
+
+
+def _scale(value: Any, factor: float) -> float | None:
+    return value * factor if isinstance(value, int | float) else None
+
+
+def median_figure(results: list[dict[str, Any]], figure: Figure) -> tuple[float | None, str]:
+    """Median over repetitions, and the range as text when there were several."""
+    values = [v for v in (figure.get(r) for r in results if "error" not in r) if v is not None]
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return None, ""
+    med = statistics.median(values)
+    spread = ""
+    if len(values) > 1:
+        spread = f" ({figure.fmt.format(min(values))}–{figure.fmt.format(max(values))})"
+    return med, spread
+
+
+def table(
+    scenarios: list[Scenario], results: dict[str, dict[str, list[dict[str, Any]]]], json_lib: str
+) -> str:
+    """The Markdown table: one row per figure, the ratio ufo_trio / limit, and the target."""
+    head = [
+        f"| scenario | figure | limit (bare trio-websocket, {json_lib}) | ufo_trio | ratio | target |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    rows: list[str] = []
+    for scenario in scenarios:
+        per_server = results.get(scenario.name, {})
+        errors = [
+            f"{kind}: {r['error']}" for kind, rs in per_server.items() for r in rs if "error" in r
+        ]
+        for figure in FIGURES:
+            if figure.kind != scenario.kind:
+                continue
+            cells: dict[str, tuple[float | None, str]] = {
+                kind: median_figure(per_server.get(kind, []), figure) for kind in (LIMIT, UFO)
+            }
+            text = {
+                kind: ("–" if v is None else figure.fmt.format(v) + spread)
+                for kind, (v, spread) in cells.items()
+            }
+            if LIMIT not in scenario.servers:
+                text[LIMIT] = "n/a"
+            lim, ufo = cells[LIMIT][0], cells[UFO][0]
+            ratio = ""
+            if lim and ufo is not None:
+                ratio = f"{ufo / lim:.2f}×"
+            target = ""
+            if figure.ratio_target and lim and ufo is not None:
+                ok = ufo / lim <= figure.ratio_target[0]
+                target = f"{figure.ratio_target[1]} {'✅' if ok else '❌'}"
+            elif figure.abs_target and ufo is not None:
+                ok = (
+                    abs(ufo) <= figure.abs_target[0]
+                    if "%" in figure.fmt
+                    else ufo <= figure.abs_target[0]
+                )
+                target = f"{figure.abs_target[1]} {'✅' if ok else '❌'}"
+            elif figure.abs_target or figure.ratio_target:
+                target = (figure.abs_target or figure.ratio_target or (0, ""))[1]
+            rows.append(
+                f"| {scenario.title} | {figure.label} | {text[LIMIT]} | {text[UFO]} | {ratio} | {target} |"
+            )
+        for error in errors:
+            rows.append(f"| {scenario.title} | **error** | {error} | | | |")
+    return "\n".join(head + rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment
+
+
+def detect_json_lib() -> str:
+    """Which JSON library ufo_trio's codec uses: orjson if importing it pulls orjson in."""
+    probe = "import sys, ufo_trio._codec; print('orjson' if 'orjson' in sys.modules else 'stdlib')"
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", probe],
+            capture_output=True,
+            cwd=REPO,
+            env=child_env(),
+            timeout=60,
+            check=True,
+        )
+    except (subprocess.SubprocessError, OSError):
+        return "stdlib"
+    return out.stdout.decode().strip() or "stdlib"
+
+
+def machine() -> dict[str, Any]:
+    model = platform.processor() or "unknown"
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in lscpu.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    versions = {}
+    for dist in ("trio", "trio-websocket", "wsproto", "h11", "orjson", "cattrs", "attrs"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "cpu_model": model,
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "packages": versions,
+        "commit": commit,
+        "nofile": _proc.raise_nofile_limit(),
+    }
+
+
+def choose_cpus(no_pin: bool) -> tuple[int | None, int | None]:
+    if no_pin or not hasattr(os, "sched_getaffinity"):
+        return None, None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None
+    return cpus[0], cpus[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
+    parser.add_argument(
+        "--servers", default=f"{LIMIT},{UFO}", help=f"comma-separated subset of {LIMIT},{UFO}"
+    )
+    parser.add_argument(
+        "--scenarios", default="", help="comma-separated scenario names (default: all)"
+    )
+    parser.add_argument(
+        "--json",
+        choices=("auto", "stdlib", "orjson"),
+        default="auto",
+        help="JSON library of the limit server (auto: the one ufo_trio uses)",
+    )
+    parser.add_argument(
+        "--duration", type=float, default=5.0, help="measured seconds per heartbeat scenario"
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="repetitions of every scenario")
+    parser.add_argument(
+        "--ufo-arg",
+        action="append",
+        default=[],
+        help="extra argument for python -m ufo_trio (repeatable)",
+    )
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument("--json-out", type=Path, default=REPO / "bench" / "results" / "latest.json")
+    args = parser.parse_args(argv)
+
+    servers = [s for s in args.servers.split(",") if s]
+    for s in servers:
+        if s not in (LIMIT, UFO):
+            parser.error(f"unknown server {s!r}")
+    scenarios = plan(args.smoke, args.duration)
+    if args.scenarios:
+        wanted = set(args.scenarios.split(","))
+        unknown = wanted - {s.name for s in scenarios}
+        if unknown:
+            parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+        scenarios = [s for s in scenarios if s.name in wanted]
+
+    # Children inherit the raised limit: ufo_trio cannot be told to raise its own.
+    info = machine()
+    json_lib = detect_json_lib() if args.json == "auto" else args.json
+    server_cpu, gen_cpu = choose_cpus(args.no_pin)
+    logdir = Path(tempfile.mkdtemp(prefix="ufo-bench-"))
+    opts = Options(
+        json_lib=json_lib,
+        server_cpu=server_cpu,
+        gen_cpu=gen_cpu,
+        ufo_args=tuple(args.ufo_arg),
+        logdir=logdir,
+    )
+    print(
+        f"# ufo_trio benchmark — {info['cpu_model']}, {info['cpus']} CPUs, Python "
+        f"{info['python']}, limit JSON: {json_lib}, server CPU {server_cpu}, "
+        f"generator CPU {gen_cpu}, logs in {logdir}",
+        file=sys.stderr,
+    )
+
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    unavailable: dict[str, str] = {}
+    flip = False
+    for scenario in scenarios:
+        for rep in range(args.repeat):
+            order = [s for s in servers if s in scenario.servers]
+            if flip:
+                order.reverse()
+            flip = not flip
+            for kind in order:
+                if kind in unavailable:
+                    continue
+                label = f"{scenario.name}-{kind}-{rep}"
+                t0 = time.monotonic()
+                try:
+                    result = run_one(kind, scenario, opts, label)
+                except ServerUnavailable as exc:
+                    unavailable[kind] = str(exc)
+                    print(f"  {kind}: unavailable: {exc}", file=sys.stderr)
+                    continue
+                results.setdefault(scenario.name, {}).setdefault(kind, []).append(result)
+                status = result.get("error", "ok")
+                print(f"  {label}: {status} ({time.monotonic() - t0:.1f} s)", file=sys.stderr)
+
+    text = table(scenarios, results, json_lib)
+    print(text)
+    for kind, reason in unavailable.items():
+        print(f"\n{kind} unavailable: {reason}")
+
+    record = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": info,
+        "options": {
+            "smoke": args.smoke,
+            "servers": servers,
+            "json_lib": json_lib,
+            "server_cpu": server_cpu,
+            "generator_cpu": gen_cpu,
+            "repeat": args.repeat,
+            "duration": args.duration,
+            "ufo_args": args.ufo_arg,
+        },
+        "scenarios": [attrs.asdict(s) for s in scenarios],
+        "unavailable": unavailable,
+        "results": results,
+        "table": text,
+    }
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"\nJSON written to {args.json_out}", file=sys.stderr)
+
+    failed = bool(unavailable) or any(
+        "error" in r for per in results.values() for rs in per.values() for r in rs
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
