@@ -1,0 +1,206 @@
+"""`python -m ufo_trio` / `ufo-trio`: the command line (EP-2, EP-3).
+
+`serve` is the default subcommand. Every serve flag can also come from `UFO_TRIO_<NAME>`;
+a flag on the command line wins over the environment. User errors print one line, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+import trio
+
+from ._config import DUPLICATE_POLICIES, LOG_LEVELS, ServerConfig
+from ._errors import ConfigError
+from ._server import Server, serve
+from ._version import __version__
+
+PROG = "ufo-trio"
+SUBCOMMANDS = ("serve", "device", "task", "clients")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if value < 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _size(text: str) -> int:
+    value = _int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of bytes, got {text!r}")
+    return value
+
+
+def _upper(text: str) -> str:
+    return text.upper()
+
+
+# (flag, type, default, help). Defaults mirror ServerConfig; env vars are UFO_TRIO_<NAME>.
+_SERVE_FLAGS: list[tuple[str, Callable[[str], Any], Any, str]] = [
+    ("--host", str, "127.0.0.1", "address to listen on"),
+    ("--port", _int, 5000, "TCP port; 0 picks a free one"),
+    ("--api-key", str, None, "shared key; generated and printed when not given"),
+    ("--allowed-origins", str, "", "comma-separated Origin values accepted on handshakes"),
+    ("--registration-timeout", _seconds, 30.0, "seconds to receive a valid REGISTER"),
+    ("--ping-interval", _seconds, 20.0, "seconds between server pings; 0 = off"),
+    ("--ping-timeout", _seconds, 20.0, "seconds to wait for a pong or any frame"),
+    ("--heartbeat-timeout", _seconds, 0.0, "close after this long without a data frame; 0 = off"),
+    ("--command-timeout", _seconds, 600.0, "seconds a COMMAND may wait for its results"),
+    ("--max-message-size", _size, 100 * 1024 * 1024, "largest inbound message in bytes"),
+    ("--duplicate-policy", str, "probe", "probe | reject | takeover"),
+    ("--shutdown-grace", _seconds, 5.0, "seconds connections get to close on shutdown"),
+    ("--log-level", _upper, "INFO", "DEBUG | INFO | WARNING | ERROR"),
+    ("--agent", str, "script", "'script' or package.module:factory"),
+]
+
+
+def env_name(flag: str) -> str:
+    return "UFO_TRIO_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    for flag, kind, default, text in _SERVE_FLAGS:
+        choices: Sequence[str] | None = None
+        if flag == "--duplicate-policy":
+            choices = DUPLICATE_POLICIES
+        elif flag == "--log-level":
+            choices = LOG_LEVELS
+        parser.add_argument(
+            flag,
+            type=kind,
+            default=None,
+            choices=choices,
+            help=f"{text} (env {env_name(flag)}; default {default!r})",
+            metavar=flag.lstrip("-").replace("-", "_").upper(),
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="AIP server for Microsoft UFO devices and constellations")
+    parser.add_argument("--version", action="version", version=f"ufo_trio {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    serve_parser = sub.add_parser("serve", help="run the server (the default)")
+    _add_serve_flags(serve_parser)
+    serve_parser.set_defaults(func=run_serve)
+    try:
+        from .client._cli import add_subcommands
+    except ImportError:
+        add_subcommands = None
+    if add_subcommands is not None:
+        add_subcommands(sub)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ServerConfig:
+    """Merge flags over `UFO_TRIO_*` over defaults; a bad value exits 2 with one line."""
+    values: dict[str, Any] = {}
+    for flag, kind, default, _ in _SERVE_FLAGS:
+        dest = flag.lstrip("-").replace("-", "_")
+        value = getattr(args, dest)
+        if value is None:
+            raw = os.environ.get(env_name(flag))
+            if raw is not None:
+                try:
+                    value = kind(raw)
+                except (argparse.ArgumentTypeError, ValueError) as exc:
+                    parser.error(f"{env_name(flag)}: {exc}")
+            else:
+                value = default
+        values[dest] = value
+    values["allowed_origins"] = tuple(
+        o.strip() for o in str(values["allowed_origins"]).split(",") if o.strip()
+    )
+    try:
+        return ServerConfig(**values)
+    except ConfigError as exc:
+        parser.error(str(exc))
+
+
+def _startup_line(server: Server) -> str:
+    line = f"ufo_trio {__version__} listening on {server.url}"
+    if server.api_key_generated:
+        line += f" (generated API key: {server.api_key})"
+    return line
+
+
+async def _serve_until_signalled(config: ServerConfig) -> int:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            try:
+                server: Server = await nursery.start(serve, config)
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                print(
+                    f"{PROG}: error: cannot listen on {config.host}:{config.port}: {reason}",
+                    file=sys.stderr,
+                )
+                return 1
+            except ConfigError as exc:
+                print(f"{PROG}: error: {exc}", file=sys.stderr)
+                return 2
+            print(_startup_line(server), flush=True)
+
+            async def watch_signals() -> None:
+                async for signum in signals:
+                    if server.shutting_down:  # a second signal: stop now
+                        nursery.cancel_scope.cancel()
+                        return
+                    logging.getLogger("ufo_trio").info(
+                        "received %s", signal.Signals(signum).name
+                    )
+                    server.request_shutdown()
+
+            nursery.start_soon(watch_signals)
+            await server.wait_stopped()
+            nursery.cancel_scope.cancel()
+    return 0
+
+
+def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
+    config = config_from_args(args, parser or build_parser())
+    logging.basicConfig(
+        level=config.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return trio.run(_serve_until_signalled, config)
+    except KeyboardInterrupt:  # a signal that arrived outside trio.run
+        return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help", "--version")):
+        argv.insert(0, "serve")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return run_serve(args, parser)
+    func: Callable[[argparse.Namespace], int] = args.func
+    return func(args)

@@ -1,0 +1,274 @@
+"""JSON text ⇄ AIP messages, with one cattrs converter (PROTOCOL.md §1).
+
+Decoding is strict where the spec is strict (WIRE-4: exact enums, strings are strings, nothing is
+coerced) and lenient where the real clients need it (unknown keys are ignored). Every decode
+failure is a `DecodeError` whose text is short, names the first bad field by its dotted path and
+never contains input values (WIRE-6).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+from collections.abc import Callable
+from typing import Any, Final
+
+import cattrs
+
+from ._errors import UfoTrioError
+from ._messages import (
+    ClientMessage,
+    ClientMessageType,
+    ClientType,
+    Command,
+    Result,
+    ResultStatus,
+    ServerMessage,
+    TaskStatus,
+    ToolType,
+)
+
+__all__ = [
+    "DecodeError",
+    "converter",
+    "decode_client_message",
+    "encode_server_message",
+    "parse_json_object",
+    "structure_client_message",
+    "truncate",
+]
+
+#: SCOPE-4: client-supplied text inserted into an error string is cut to this many characters.
+MAX_ECHO = 200
+
+_CLIENT_TYPES: Final = {t.value: t for t in ClientMessageType}
+
+
+def truncate(text: str, limit: int = MAX_ECHO) -> str:
+    """SCOPE-4: cut client-supplied text before it goes into an error string."""
+    return text if len(text) <= limit else text[:limit]
+
+
+class DecodeError(UfoTrioError):
+    """A client frame could not be decoded.
+
+    `error` is the exact wire text (`Invalid message: …` or `Unknown message type: …`),
+    `code` the ERROR code (`invalid_message` / `unknown_type`), `request_id` the frame's
+    `request_id` when it could be read as a non-empty string (CLAR-1), else None.
+    """
+
+    def __init__(self, error: str, *, code: str = "invalid_message", request_id: str | None = None):
+        super().__init__(error)
+        self.error = error
+        self.code = code
+        self.request_id = request_id
+
+
+class _WrongType(Exception):
+    pass
+
+
+class _InvalidValue(Exception):
+    pass
+
+
+converter: Final = cattrs.Converter(detailed_validation=True)
+
+
+def _structure_str(value: object, _: type) -> str:
+    if type(value) is not str:
+        raise _WrongType
+    return value
+
+
+def _structure_dict(value: object, _: type) -> dict[str, Any]:
+    if type(value) is not dict:
+        raise _WrongType
+    return value
+
+
+def _enum_hook(enum_cls: type[Any]) -> Callable[[object, type], Any]:
+    members = {m.value: m for m in enum_cls}
+
+    def structure(value: object, _: type) -> Any:
+        if type(value) is not str:
+            raise _WrongType
+        try:
+            return members[value]
+        except KeyError:
+            raise _InvalidValue from None
+
+    return structure
+
+
+def _strict_list(item_type: type[Any]) -> Callable[[object, type], list[Any]]:
+    base = converter.get_structure_hook(list[item_type])  # type: ignore[valid-type]
+
+    def structure(value: object, cl: type) -> list[Any]:
+        if type(value) is not list:
+            raise _WrongType
+        return base(value, cl)  # type: ignore[no-any-return]
+
+    return structure
+
+
+def _object_only(cls: type[Any]) -> Callable[[object, type], Any]:
+    base = converter.get_structure_hook(cls)
+
+    def structure(value: object, cl: type) -> Any:
+        if type(value) is not dict:
+            raise _WrongType
+        return base(value, cl)
+
+    return structure
+
+
+converter.register_structure_hook(str, _structure_str)
+converter.register_structure_hook_func(lambda t: t == dict[str, Any], _structure_dict)
+for _enum in (ClientMessageType, TaskStatus, ClientType, ResultStatus, ToolType):
+    converter.register_structure_hook(_enum, _enum_hook(_enum))
+converter.register_structure_hook(Command, _object_only(Command))
+converter.register_structure_hook(Result, _object_only(Result))
+for _item in (Command, Result):
+    converter.register_structure_hook_func(
+        lambda t, _i=_item: t == list[_i],  # type: ignore[valid-type]
+        _strict_list(_item),
+    )
+
+_structure_client: Final = converter.get_structure_hook(ClientMessage)
+
+
+def _problem(exc: BaseException, _type: type | None) -> str:
+    if isinstance(exc, KeyError):
+        return "field required"
+    if isinstance(exc, _InvalidValue):
+        return "invalid value"
+    return "wrong type"
+
+
+_INDEX: Final = re.compile(r"\[(\d+)\]")
+
+
+def _first_problem(exc: BaseException) -> str:
+    """Turn a cattrs validation error into `<path>: <problem>` for the first bad field."""
+    messages = cattrs.transform_error(exc, path="$", format_exception=_problem)
+    if not messages:  # pragma: no cover - cattrs always reports at least one
+        return "message: invalid value"
+    problem, _, path = messages[0].rpartition(" @ ")
+    path = _INDEX.sub(r".\1", path).removeprefix("$").removeprefix(".") or "message"
+    return truncate(f"{path}: {problem}", MAX_ECHO - len("Invalid message: "))
+
+
+def _request_id_of(obj: dict[str, Any]) -> str | None:
+    rid = obj.get("request_id")
+    return rid if type(rid) is str and rid else None
+
+
+def parse_json_object(text: str) -> dict[str, Any]:
+    """WIRE-6 steps 1–2: text → JSON object, or `DecodeError`."""
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        raise DecodeError("Invalid message: not valid JSON") from None
+    if type(obj) is not dict:
+        raise DecodeError("Invalid message: expected a JSON object")
+    return obj
+
+
+def structure_client_message(obj: dict[str, Any]) -> ClientMessage:
+    """WIRE-6 step 5: a JSON object → ClientMessage, or `DecodeError` naming the first bad field."""
+    try:
+        return _structure_client(obj, ClientMessage)  # type: ignore[no-any-return]
+    except Exception as exc:
+        raise DecodeError(
+            "Invalid message: " + _first_problem(exc), request_id=_request_id_of(obj)
+        ) from None
+
+
+def decode_client_message(text: str) -> ClientMessage:
+    """Decode one frame of a registered connection, checking in the order of WIRE-6."""
+    obj = parse_json_object(text)
+    kind = obj.get("type")
+    if type(kind) is not str:
+        problem = "field required" if "type" not in obj else "wrong type"
+        raise DecodeError(f"Invalid message: type: {problem}", request_id=_request_id_of(obj))
+    if kind not in _CLIENT_TYPES:
+        raise DecodeError(
+            f"Unknown message type: {truncate(kind)}",
+            code="unknown_type",
+            request_id=_request_id_of(obj),
+        )
+    return structure_client_message(obj)
+
+
+def _dump_command(command: Command) -> dict[str, Any]:
+    return {
+        "tool_name": command.tool_name,
+        "parameters": command.parameters,
+        "tool_type": command.tool_type.value,
+        "call_id": command.call_id,
+    }
+
+
+def _dump_result(result: Result) -> dict[str, Any]:
+    return {
+        "status": result.status.value,
+        "error": result.error,
+        "result": result.result,
+        "namespace": result.namespace,
+        "call_id": result.call_id,
+    }
+
+
+converter.register_unstructure_hook(Command, _dump_command)
+converter.register_unstructure_hook(Result, _dump_result)
+
+_dumps: Final = json.JSONEncoder(separators=(",", ":")).encode
+_UTC: Final = datetime.UTC
+
+
+def _now() -> str:
+    return datetime.datetime.now(_UTC).isoformat()
+
+
+def unstructure(value: Any) -> Any:
+    """Turn a value that may hold Commands/Results (e.g. an agent's result) into plain JSON data."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    return converter.unstructure(value)
+
+
+def _dump_server_message(msg: ServerMessage) -> dict[str, Any]:
+    actions = msg.actions
+    frame: dict[str, Any] = {
+        "type": msg.type.value,
+        "status": msg.status.value,
+        "user_request": msg.user_request,
+        "agent_name": msg.agent_name,
+        "process_name": msg.process_name,
+        "root_name": msg.root_name,
+        "actions": None if actions is None else [_dump_command(c) for c in actions],
+        "messages": None,
+        "error": msg.error,
+        "session_id": msg.session_id,
+        "task_name": msg.task_name,
+        "timestamp": _now(),
+        "response_id": msg.response_id,
+        "result": unstructure(msg.result),
+    }
+    if msg.extra:
+        frame.update(msg.extra)
+    return frame
+
+
+converter.register_unstructure_hook(ServerMessage, _dump_server_message)
+
+
+def encode_server_message(msg: ServerMessage) -> str:
+    """ServerMessage → compact JSON text with all 14 keys in order, then extras (WIRE-3).
+
+    Non-ASCII is escaped, so a lone surrogate a client sent can never break UTF-8 encoding.
+    Raises `TypeError`/`ValueError` if `result` is not JSON-serialisable.
+    """
+    return _dumps(_dump_server_message(msg))

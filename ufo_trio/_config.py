@@ -1,0 +1,90 @@
+"""Server configuration: one frozen attrs value, shared by the CLI, tests and embedders."""
+
+from __future__ import annotations
+
+import attrs
+
+from ._errors import ConfigError
+
+DUPLICATE_POLICIES = ("probe", "reject", "takeover")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+#: LIM-5: inbound frames queued per connection before the reader pauses.
+INBOUND_QUEUE_SIZE = 32
+#: Outbound frames queued per connection before a sender has to wait (PROC-4).
+OUTBOUND_QUEUE_SIZE = 64
+#: LIM-6: writing or queuing one outbound frame.
+SEND_TIMEOUT = 30.0
+#: LIM-3: HTTP request head.
+MAX_HEADER_SIZE = 16 * 1024
+#: LIM-4: HTTP request body.
+MAX_BODY_SIZE = 1024 * 1024
+#: LIM-7: live sessions per requesting connection.
+MAX_SESSIONS_PER_CLIENT = 64
+#: LIM-8: finished-session result store.
+RESULT_STORE_SIZE = 1024
+#: DUP-4: upper bound of the duplicate-id probe.
+PROBE_TIMEOUT_CAP = 5.0
+#: How long the WebSocket closing handshake may take before the socket is aborted.
+CLOSE_TIMEOUT = 5.0
+
+
+def _non_negative(_inst: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if value < 0:
+        raise ConfigError(f"{attribute.name.replace('_', '-')} must be >= 0, got {value:g}")
+
+
+def _positive(_inst: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{attribute.name.replace('_', '-')} must be > 0, got {value:g}")
+
+
+def _port(_inst: object, _attribute: attrs.Attribute[int], value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"port must be between 0 and 65535, got {value}")
+
+
+def _one_of(choices: tuple[str, ...]) -> attrs._ValidatorType[str]:
+    def check(_inst: object, attribute: attrs.Attribute[str], value: str) -> None:
+        if value not in choices:
+            raise ConfigError(
+                f"{attribute.name.replace('_', '-')} must be one of {', '.join(choices)}, got {value!r}"
+            )
+
+    return check
+
+
+@attrs.frozen(kw_only=True)
+class ServerConfig:
+    """Everything `serve` needs. Defaults follow PROTOCOL.md §2 (EP-2).
+
+    `api_key=None` means "generate one" (`secrets.token_urlsafe(32)`) when the server starts.
+    Invalid values raise `ConfigError` with a one-line message.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = attrs.field(default=5000, validator=_port)
+    api_key: str | None = None
+    allowed_origins: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    registration_timeout: float = attrs.field(default=30.0, validator=_positive)
+    ping_interval: float = attrs.field(default=20.0, validator=_non_negative)
+    ping_timeout: float = attrs.field(default=20.0, validator=_positive)
+    heartbeat_timeout: float = attrs.field(default=0.0, validator=_non_negative)
+    command_timeout: float = attrs.field(default=600.0, validator=_positive)
+    max_message_size: int = attrs.field(default=100 * 1024 * 1024, validator=_positive)
+    duplicate_policy: str = attrs.field(default="probe", validator=_one_of(DUPLICATE_POLICIES))
+    shutdown_grace: float = attrs.field(default=5.0, validator=_non_negative)
+    log_level: str = attrs.field(
+        default="INFO", converter=str.upper, validator=_one_of(LOG_LEVELS)
+    )
+    agent: str = "script"
+    # Limits that are not CLI flags in the spec but that tests and embedders may tune.
+    send_timeout: float = attrs.field(default=SEND_TIMEOUT, validator=_positive)
+    inbound_queue_size: int = attrs.field(default=INBOUND_QUEUE_SIZE, validator=_positive)
+    outbound_queue_size: int = attrs.field(default=OUTBOUND_QUEUE_SIZE, validator=_positive)
+    max_sessions_per_client: int = attrs.field(
+        default=MAX_SESSIONS_PER_CLIENT, validator=_positive
+    )
+    result_store_size: int = attrs.field(default=RESULT_STORE_SIZE, validator=_positive)
+    #: trio-websocket reads 4 KiB at a time by default, which is slow for large frames.
+    receive_buffer_size: int = attrs.field(default=64 * 1024, validator=_positive)

@@ -1,0 +1,310 @@
+"""One WebSocket connection: its supervisor nursery, single writer, liveness and teardown.
+
+Task layout (all children of the connection's nursery, nothing anywhere else):
+
+* trio-websocket's reader task: bytes → frames into a bounded queue (LIM-5);
+* the handler (the task that runs `Connection.run`): takes frames strictly in order (PROC-1);
+* the writer: the only task that writes frames (PROC-2), fed by a bounded channel;
+* the pinger (LIVE-1/2) and, if enabled, the heartbeat watchdog (LIVE-3);
+* sessions whose executor is this connection (§4): cancelled when it goes away (DC-2).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from ._codec import encode_server_message
+from ._config import CLOSE_TIMEOUT
+from ._errors import ConnectionGone
+from ._messages import ServerMessage, ServerMessageType, TaskStatus
+
+if TYPE_CHECKING:
+    from ._registry import ClientEntry
+    from ._server import Server
+    from ._sessions import Session
+
+log = logging.getLogger("ufo_trio")
+
+_ping_payloads = itertools.count(1)
+
+
+class State(enum.Enum):
+    AWAIT_REGISTER = "await_register"
+    REGISTERED = "registered"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+@attrs.define(eq=False)
+class Connection:
+    """A WebSocket peer. Other tasks talk to it only through `send`, `probe` and `close`."""
+
+    server: Server
+    ws: WebSocketConnection
+    stream: trio.abc.Stream
+    nursery: trio.Nursery
+    remote: str
+    state: State = State.AWAIT_REGISTER
+    entry: ClientEntry | None = None
+    #: Sessions whose executor is this connection (they run in `nursery`).
+    executing: dict[str, Session] = attrs.field(factory=dict)
+    #: Sessions whose requester is this connection (they may run in another connection's nursery).
+    requested: dict[str, Session] = attrs.field(factory=dict)
+    #: Set once teardown has finished: the id is free again (DUP-3, DC-4).
+    finished: trio.Event = attrs.field(factory=trio.Event)
+    close_code: int | None = None
+    close_reason: str = ""
+    _main_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    _writer_started: bool = False
+    _writer_done: trio.Event = attrs.field(factory=trio.Event)
+    _activity_waiters: list[trio.Event] = attrs.field(factory=list)
+    _heartbeat_scope: trio.CancelScope | None = None
+    _abort: bool = False
+    _out_send: trio.MemorySendChannel[str] = attrs.field(init=False)
+    _out_recv: trio.MemoryReceiveChannel[str] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._out_send, self._out_recv = trio.open_memory_channel[str](
+            self.server.config.outbound_queue_size
+        )
+
+    # ------------------------------------------------------------------ identity / logging
+
+    @property
+    def client_id(self) -> str:
+        return self.entry.client_id if self.entry is not None else "-"
+
+    @property
+    def label(self) -> str:
+        if self.entry is None:
+            return f"{self.remote} (unregistered)"
+        return f"{self.entry.client_id!r} ({self.entry.role.value}, {self.remote})"
+
+    @property
+    def is_open(self) -> bool:
+        return self.state is State.REGISTERED
+
+    # ------------------------------------------------------------------ sending
+
+    async def send(self, msg: ServerMessage) -> None:
+        """Queue one frame for the writer (PROC-2/3/4).
+
+        Raises `ConnectionGone` at once if the connection is closing or closed. If the queue
+        stays full for SEND_TIMEOUT, the peer is closed with 4003 and `ConnectionGone` raised.
+        """
+        await self.send_text(encode_server_message(msg))
+
+    async def send_text(self, text: str) -> None:
+        """`send` for a frame that is already encoded (e.g. one TASK_END for two recipients)."""
+        if self.state is not State.REGISTERED:
+            raise ConnectionGone(self.label)
+        try:
+            self._out_send.send_nowait(text)
+            return
+        except trio.WouldBlock:
+            pass
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise ConnectionGone(self.label) from None
+        with trio.move_on_after(self.server.config.send_timeout) as scope:
+            try:
+                await self._out_send.send(text)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                raise ConnectionGone(self.label) from None
+        if scope.cancelled_caught:
+            self.close(4003, "send timeout", abort=True)
+            raise ConnectionGone(self.label)
+
+    async def send_direct(self, msg: ServerMessage) -> None:
+        """Write a frame before the writer exists (registration verdicts, REG-7).
+
+        Raises `ConnectionGone` if it could not be written within SEND_TIMEOUT.
+        """
+        assert not self._writer_started
+        with trio.move_on_after(self.server.config.send_timeout) as scope:
+            try:
+                await self.ws.send_message(encode_server_message(msg))
+                return
+            except ConnectionClosed:
+                pass
+        if scope.cancelled_caught:
+            self._abort = True
+        raise ConnectionGone(self.label)
+
+    async def send_error(
+        self,
+        error: str,
+        code: str,
+        *,
+        request_id: str | None = None,
+        session_id: str | None = None,
+    ) -> None:
+        """Send an ERROR frame (WIRE-9), ignoring a connection that is already going away."""
+        msg = ServerMessage(
+            type=ServerMessageType.ERROR,
+            status=TaskStatus.ERROR,
+            error=error,
+            session_id=session_id or None,
+            **({"response_id": request_id} if request_id else {}),
+            extra={"code": code},
+        )
+        try:
+            if self._writer_started:
+                await self.send(msg)
+            else:
+                await self.send_direct(msg)
+        except ConnectionGone:
+            pass
+
+    async def _writer(self) -> None:
+        """The only task that writes data frames once the connection is registered (PROC-2)."""
+        timeout = self.server.config.send_timeout
+        try:
+            async for text in self._out_recv:
+                with trio.move_on_after(timeout) as scope:
+                    await self.ws.send_message(text)
+                if scope.cancelled_caught:
+                    self.close(4003, "send timeout", abort=True)
+                    return
+        except ConnectionClosed:
+            self.close(None, "connection lost")
+        finally:
+            self._writer_done.set()
+
+    # ------------------------------------------------------------------ closing
+
+    def close(self, code: int | None, reason: str, *, abort: bool = False) -> None:
+        """Ask the connection to end with `code` (None: the peer is already gone).
+
+        Idempotent: the first reason wins. Returns at once; the handler runs the teardown.
+        """
+        if self.close_code is None and not self.close_reason:
+            self.close_code = code
+            self.close_reason = reason
+        self._abort = self._abort or abort
+        self._main_scope.cancel()
+
+    # ------------------------------------------------------------------ liveness
+
+    def note_activity(self) -> None:
+        """Called for every inbound data frame: feeds the probes and the heartbeat watchdog."""
+        if self._activity_waiters:
+            for event in self._activity_waiters:
+                event.set()
+            self._activity_waiters.clear()
+        if self._heartbeat_scope is not None:
+            self._heartbeat_scope.deadline = (
+                trio.current_time() + self.server.config.heartbeat_timeout
+            )
+
+    async def probe(self, timeout: float) -> bool:
+        """Ping the peer: True if a pong or any inbound frame arrives within `timeout` (DUP-4).
+
+        A connection that is not REGISTERED (e.g. already CLOSING) fails at once (DC-4).
+        """
+        if self.state is not State.REGISTERED:
+            return False
+        alive = trio.Event()
+        self._activity_waiters.append(alive)
+
+        async def ping() -> None:
+            try:
+                await self.ws.ping(next(_ping_payloads).to_bytes(8, "big"))
+            except ConnectionClosed:
+                return
+            alive.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ping)
+            with trio.move_on_after(timeout):
+                await alive.wait()
+            nursery.cancel_scope.cancel()
+        if alive in self._activity_waiters:
+            self._activity_waiters.remove(alive)
+        return alive.is_set()
+
+    async def _pinger(self) -> None:
+        config = self.server.config
+        while True:
+            await trio.sleep(config.ping_interval)
+            if not await self.probe(config.ping_timeout):
+                log.info("%s: no pong within %gs", self.label, config.ping_timeout)
+                self.close(1011, "keepalive ping timeout")
+                return
+
+    async def _heartbeat_watchdog(self) -> None:
+        timeout = self.server.config.heartbeat_timeout
+        with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+            self._heartbeat_scope = scope
+            await trio.sleep_forever()
+        self._heartbeat_scope = None
+        log.info("%s: no data frame for %gs", self.label, timeout)
+        self.close(4002, "heartbeat timeout")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Drive the connection from AWAIT_REGISTER to CLOSED. Returns when all is cleaned up."""
+        from ._handlers import handle_frames, register
+
+        try:
+            with self._main_scope:
+                entry = await register(self)
+                if entry is None:
+                    return
+                self.entry = entry
+                self.state = State.REGISTERED
+                self._writer_started = True
+                self.nursery.start_soon(self._writer)
+                if self.server.config.ping_interval > 0:
+                    self.nursery.start_soon(self._pinger)
+                if self.server.config.heartbeat_timeout > 0:
+                    self.nursery.start_soon(self._heartbeat_watchdog)
+                await handle_frames(self)
+        finally:
+            await self._teardown()
+
+    async def _teardown(self) -> None:
+        """DC-1…DC-5: runs exactly once, shielded, every await bounded."""
+        server = self.server
+        registered = self.entry is not None and self.state is State.REGISTERED
+        self.state = State.CLOSING
+        config = server.config
+        with trio.CancelScope(shield=True):
+            if registered:
+                with server.bounded(config.send_timeout * 2):
+                    await server.sessions.connection_closing(self)
+            # Let the writer flush what is queued (e.g. TASK_END before a 1001, ERROR before
+            # 1003) unless the peer is gone or too slow to read.
+            self._out_send.close()
+            if self._writer_started and not self._abort and self.close_code is not None:
+                with server.bounded(config.send_timeout):
+                    await self._writer_done.wait()
+            if not self._abort and self.close_code is not None:
+                with server.bounded(CLOSE_TIMEOUT):
+                    await self.ws.aclose(self.close_code, self.close_reason or None)
+            with server.bounded(1.0):
+                await trio.aclose_forcefully(self.stream)
+            self.nursery.cancel_scope.cancel()
+            if registered and self.entry is not None:
+                server.registry.remove(self.entry)
+                log.info(
+                    "%s disconnected: %s",
+                    self.label,
+                    self.close_reason or _describe_close(self.ws),
+                )
+            self.state = State.CLOSED
+            self.finished.set()
+
+
+def _describe_close(ws: WebSocketConnection) -> str:
+    closed = ws.closed
+    if closed is None:
+        return "closed"
+    return f"peer closed ({closed.code}{' ' + closed.reason if closed.reason else ''})"

@@ -1,0 +1,140 @@
+"""AIP wire values (PROTOCOL.md §1): enums with the exact wire strings and frozen attrs classes.
+
+Nothing here does I/O or JSON; `_codec` turns these into text and back.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from typing import Any
+
+import attrs
+
+
+class ClientMessageType(enum.Enum):
+    """`type` of a client → server frame."""
+
+    TASK = "task"
+    HEARTBEAT = "heartbeat"
+    COMMAND_RESULTS = "command_results"
+    ERROR = "error"
+    REGISTER = "register"
+    TASK_END = "task_end"
+    DEVICE_INFO_REQUEST = "device_info_request"
+    DEVICE_INFO_RESPONSE = "device_info_response"
+
+
+class ServerMessageType(enum.Enum):
+    """`type` of a server → client frame."""
+
+    TASK = "task"
+    HEARTBEAT = "heartbeat"
+    TASK_END = "task_end"
+    COMMAND = "command"
+    ERROR = "error"
+    DEVICE_INFO_REQUEST = "device_info_request"
+    DEVICE_INFO_RESPONSE = "device_info_response"
+
+
+class TaskStatus(enum.Enum):
+    """`status` of any frame."""
+
+    CONTINUE = "continue"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    OK = "ok"
+    ERROR = "error"
+
+
+class ClientType(enum.Enum):
+    """The role a client claims at registration."""
+
+    DEVICE = "device"
+    CONSTELLATION = "constellation"
+
+
+class ResultStatus(enum.Enum):
+    """`Result.status`."""
+
+    SUCCESS = "success"
+    FAILURE = "failure"
+    SKIPPED = "skipped"
+    NONE = "none"
+
+
+class ToolType(enum.Enum):
+    """`Command.tool_type`."""
+
+    DATA_COLLECTION = "data_collection"
+    ACTION = "action"
+
+
+def new_id() -> str:
+    """A fresh random UUID v4 in canonical lowercase form (`<uuid4>` in the spec)."""
+    return str(uuid.uuid4())
+
+
+@attrs.frozen(kw_only=True)
+class Command:
+    """One tool call inside a COMMAND frame (§1.4)."""
+
+    tool_name: str
+    tool_type: ToolType
+    parameters: dict[str, Any] | None = None
+    call_id: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Result:
+    """The outcome of one Command (§1.4). All five keys are always written (WIRE-5)."""
+
+    status: ResultStatus
+    error: str | None = None
+    result: Any = None
+    namespace: str | None = None
+    call_id: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class ClientMessage:
+    """A client → server frame (§1.3). Unknown keys are dropped on decode (WIRE-4)."""
+
+    type: ClientMessageType
+    status: TaskStatus
+    client_type: ClientType = ClientType.DEVICE
+    session_id: str | None = None
+    task_name: str | None = None
+    client_id: str | None = None
+    target_id: str | None = None
+    request: str | None = None
+    action_results: list[Result] | None = None
+    timestamp: str | None = None
+    request_id: str | None = None
+    prev_response_id: str | None = None
+    error: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+@attrs.frozen(kw_only=True)
+class ServerMessage:
+    """A server → client frame (§1.3). Serialised with all 14 keys, in this order (WIRE-3).
+
+    `response_id` defaults to a fresh uuid4 (WIRE-8); pass `None` explicitly for a null one.
+    `extra` holds the only extra keys the spec allows: `code` on ERROR frames and `protocol` /
+    `server` on the registration confirmation. `timestamp` is stamped when the frame is encoded.
+    """
+
+    type: ServerMessageType
+    status: TaskStatus
+    user_request: str | None = None
+    agent_name: str | None = None
+    process_name: str | None = None
+    root_name: str | None = None
+    actions: list[Command] | None = None
+    error: str | None = None
+    session_id: str | None = None
+    task_name: str | None = None
+    response_id: str | None = attrs.field(factory=new_id)
+    result: Any = None
+    extra: dict[str, Any] | None = None

@@ -1,0 +1,141 @@
+"""`serve`: the listener, the connection nursery and graceful shutdown (EP-1, SHUT-1/2)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from functools import partial
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+
+from ._agents import AgentFactory, load_agent_factory
+from ._config import ServerConfig
+from ._endpoint import handle_stream
+from ._http import HttpApi
+from ._registry import Registry
+from ._sessions import SHUTTING_DOWN, SessionManager
+
+if TYPE_CHECKING:
+    from ._connection import Connection
+
+log = logging.getLogger("ufo_trio")
+
+
+@attrs.define(eq=False)
+class Server:
+    """A running server, as handed back by `nursery.start(serve, config)`.
+
+    Public attributes: `config`, `host`, `port`, `url`, `api_key`, `api_key_generated`,
+    `registry` (who is online) and `sessions` (live sessions and the result store).
+    Call `request_shutdown()` for the graceful stop of SHUT-1/2.
+    """
+
+    config: ServerConfig
+    api_key: str
+    api_key_generated: bool
+    agent_factory: AgentFactory
+    host: str = ""
+    port: int = 0
+    registry: Registry = attrs.field(factory=Registry)
+    sessions: SessionManager = attrs.field(init=False)
+    http: HttpApi = attrs.field(init=False)
+    api_key_bytes: bytes = attrs.field(init=False)
+    allowed_origins: frozenset[str] = attrs.field(init=False)
+    connections: set[Connection] = attrs.field(factory=set)
+    shutting_down: bool = False
+    #: After this trio time every bounded cleanup wait gives up (the shutdown grace deadline).
+    hard_deadline: float = math.inf
+    _shutdown: trio.Event = attrs.field(factory=trio.Event)
+    _stopped: trio.Event = attrs.field(factory=trio.Event)
+
+    def __attrs_post_init__(self) -> None:
+        self.sessions = SessionManager(self, self.agent_factory)
+        self.http = HttpApi(self)
+        self.api_key_bytes = self.api_key.encode("utf-8", "surrogateescape")
+        self.allowed_origins = frozenset(o.strip().lower() for o in self.config.allowed_origins)
+
+    @property
+    def url(self) -> str:
+        """`ws://HOST:PORT/ws` with the port actually bound (IPv6 hosts in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ws://{host}:{self.port}/ws"
+
+    def bounded(self, seconds: float) -> trio.CancelScope:
+        """A scope that gives up after `seconds`, or at the shutdown deadline if sooner."""
+        return trio.move_on_at(min(trio.current_time() + seconds, self.hard_deadline))
+
+    def request_shutdown(self) -> None:
+        """Start the graceful stop (SHUT-1/2); `serve` returns once it is complete."""
+        self._shutdown.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def _graceful_stop(self, accept_scope: trio.CancelScope, nursery: trio.Nursery) -> None:
+        accept_scope.cancel()  # SHUT-1: stop accepting
+        self.shutting_down = True
+        grace = self.config.shutdown_grace
+        self.hard_deadline = trio.current_time() + grace
+        nursery.cancel_scope.deadline = self.hard_deadline
+        log.info(
+            "shutting down: %d connection(s), %d live session(s), grace %gs",
+            len(self.connections),
+            len(self.sessions.live),
+            grace,
+        )
+        with self.bounded(grace):
+            await self.sessions.cancel_all(SHUTTING_DOWN)
+        for conn in list(self.connections):  # SHUT-2
+            conn.close(1001, "server shutting down")
+
+
+async def serve(
+    config: ServerConfig, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run the server until it is cancelled or `Server.request_shutdown()` completes.
+
+    `task_status.started(server)` is called once the listener is bound, so tests write
+    `server = await nursery.start(serve, config)`. Raises `ConfigError` for a bad `--agent`
+    and `OSError` if the address cannot be bound.
+    """
+    agent_factory = load_agent_factory(config.agent)
+    api_key = config.api_key if config.api_key is not None else secrets.token_urlsafe(32)
+    listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    if config.port == 0:
+        # Each address family would get its own free port; keep one so the URL is unambiguous.
+        for extra in listeners[1:]:
+            await extra.aclose()
+        listeners = listeners[:1]
+    sockname = listeners[0].socket.getsockname()
+    server = Server(
+        config=config,
+        api_key=api_key,
+        api_key_generated=config.api_key is None,
+        agent_factory=agent_factory,
+        host=config.host,
+        port=sockname[1],
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            accept_scope = trio.CancelScope()
+
+            async def accept() -> None:
+                with accept_scope:
+                    await trio.serve_listeners(
+                        partial(handle_stream, server), listeners, handler_nursery=nursery
+                    )
+
+            nursery.start_soon(accept)
+            log.info("listening on %s", server.url)
+            task_status.started(server)
+            await server._shutdown.wait()
+            await server._graceful_stop(accept_scope, nursery)
+    finally:
+        for listener in listeners:
+            with trio.CancelScope(shield=True):
+                await listener.aclose()
+        server._stopped.set()
+        log.info("stopped")

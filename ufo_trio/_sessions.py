@@ -1,0 +1,490 @@
+"""Sessions (§4): TASK acceptance, COMMAND round trips, TASK_END routing and cancellation.
+
+A session is a task in its **executor** connection's nursery (TASK-8), started with
+`nursery.start` and owning a `CancelScope`. The executor going away cancels it through that scope
+(DC-2); the requester keeps the `Session` handle and cancels it the same way (DC-3). Whatever ends
+a session, its TASK_END is sent from a shielded, time-bounded scope (CAN-2), exactly once.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import logging
+import re
+from typing import TYPE_CHECKING, Any, Final
+
+import attrs
+import trio
+
+from ._agents import Agent, AgentFactory, TaskFailed, UnsupportedPlatform
+from ._codec import encode_server_message, unstructure
+from ._errors import ConnectionGone
+from ._messages import (
+    ClientMessage,
+    ClientType,
+    Command,
+    Result,
+    ResultStatus,
+    ServerMessage,
+    ServerMessageType,
+    TaskStatus,
+    new_id,
+)
+
+if TYPE_CHECKING:
+    from ._connection import Connection
+    from ._server import Server
+
+log = logging.getLogger("ufo_trio")
+
+DEVICE_GONE: Final = "Task was cancelled because target device disconnected"
+REQUESTER_GONE: Final = "Task was cancelled because the requesting client disconnected"
+SHUTTING_DOWN: Final = "Server shutting down"
+NOT_SERIALISABLE: Final = "Agent returned a non-JSON-serialisable result"
+INVALID_RESULTS: Final = "invalid command results from executor"
+
+_UNSAFE: Final = re.compile(r"[^A-Za-z0-9._-]")
+_AGENT_NAMES: Final = {"windows": "HostAgent", "linux": "LinuxAgent", "mobile": "MobileAgent"}
+
+
+def sanitize_task_name(raw: str | None) -> str:
+    """NAME-1: map every character outside `[A-Za-z0-9._-]` to `_`, strip leading dots."""
+    name = _UNSAFE.sub("_", raw).lstrip(".") if raw else ""
+    return name or new_id()
+
+
+def default_agent_name(platform: str) -> str:
+    """AGENT-3: the COMMAND's `agent_name` when the agent does not choose one."""
+    return _AGENT_NAMES.get(platform, "HostAgent")
+
+
+def _wall_now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat()
+
+
+def _failures(commands: list[Command], error: str) -> list[Result]:
+    """CMD-7: one synthetic failure per Command, in order."""
+    return [
+        Result(status=ResultStatus.FAILURE, error=error, call_id=c.call_id) for c in commands
+    ]
+
+
+@attrs.define(eq=False)
+class _Waiter:
+    commands: list[Command]
+    done: trio.Event = attrs.field(factory=trio.Event)
+    results: list[Result] | None = None
+
+    def resolve(self, results: list[Result]) -> None:
+        self.results = results
+        self.done.set()
+
+
+@attrs.frozen(kw_only=True)
+class SessionRecord:
+    """A finished session as kept by the result store (RES-1)."""
+
+    session_id: str
+    task_name: str
+    status: str
+    error: str | None
+    result: Any
+    finished_at: str
+
+
+class ResultStore:
+    """Bounded store of finished sessions, by session id and by task name (LIM-8, RES-1)."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._by_id: collections.OrderedDict[str, SessionRecord] = collections.OrderedDict()
+        self._by_name: dict[str, SessionRecord] = {}
+
+    def add(self, record: SessionRecord) -> None:
+        self._by_id.pop(record.session_id, None)
+        self._by_id[record.session_id] = record
+        self._by_name[record.task_name] = record  # NAME-2: latest wins
+        while len(self._by_id) > self._size:
+            _, old = self._by_id.popitem(last=False)
+            if self._by_name.get(old.task_name) is old:
+                del self._by_name[old.task_name]
+
+    def by_session_id(self, session_id: str) -> SessionRecord | None:
+        return self._by_id.get(session_id)
+
+    def by_task_name(self, task_name: str) -> SessionRecord | None:
+        return self._by_name.get(task_name)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+
+@attrs.define(eq=False)
+class Session:
+    """One running task. Also the `SessionContext` its agent sees (AGENT-2)."""
+
+    manager: SessionManager
+    session_id: str
+    task_name: str
+    request: str
+    platform: str
+    requester: Connection
+    requester_id: str
+    requester_type: str
+    executor: Connection
+    executor_id: str
+    agent: Agent
+    started_at: str = attrs.field(factory=_wall_now)
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    cancel_reason: str | None = None
+    #: Set by the requester's handler once the ACK is queued (TASK-8: ACK before first COMMAND).
+    acked: trio.Event = attrs.field(factory=trio.Event)
+    done: trio.Event = attrs.field(factory=trio.Event)
+    waiters: dict[str, _Waiter] = attrs.field(factory=dict)
+    log: logging.LoggerAdapter[logging.Logger] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.log = logging.LoggerAdapter(log, {"session_id": self.session_id})
+
+    @property
+    def for_constellation(self) -> bool:
+        return self.requester_type == ClientType.CONSTELLATION.value
+
+    def cancel(self, reason: str) -> None:
+        """Cancel through the session's scope; the first reason is the one reported."""
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+        self.scope.cancel()
+
+    async def execute(
+        self,
+        commands: list[Command],
+        *,
+        agent_name: str | None = None,
+        process_name: str | None = None,
+        root_name: str | None = None,
+    ) -> list[Result]:
+        """CMD-1…CMD-7: one COMMAND round trip with the executor."""
+        commands = [attrs.evolve(c, call_id=new_id()) for c in commands]
+        response_id = new_id()
+        waiter = _Waiter(commands)
+        self.waiters[response_id] = waiter
+        config = self.manager.server.config
+        try:
+            try:
+                await self.executor.send(
+                    ServerMessage(
+                        type=ServerMessageType.COMMAND,
+                        status=TaskStatus.CONTINUE,
+                        agent_name=agent_name or default_agent_name(self.platform),
+                        process_name=process_name,
+                        root_name=root_name,
+                        actions=commands,
+                        session_id=self.session_id,
+                        task_name=self.task_name,
+                        response_id=response_id,
+                    )
+                )
+                log.debug(
+                    "session %r: COMMAND %s to %r",
+                    self.session_id,
+                    [c.tool_name for c in commands],
+                    self.executor_id,
+                )
+            except ConnectionGone:
+                pass  # the executor is closing; its teardown cancels this session
+            with trio.move_on_after(config.command_timeout):
+                await waiter.done.wait()
+            if waiter.results is None:  # CMD-6
+                log.info(
+                    "session %r: no results for %s within %gs",
+                    self.session_id,
+                    [c.tool_name for c in commands],
+                    config.command_timeout,
+                )
+                return _failures(
+                    commands,
+                    f"timeout: no command results received within {config.command_timeout:g} s",
+                )
+            return waiter.results
+        finally:
+            self.waiters.pop(response_id, None)
+
+    async def run(self, *, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+        """The session task, in the executor's nursery."""
+        outcome: tuple[TaskStatus, str | None, Any] | None = None
+        try:
+            with self.scope:
+                task_status.started(self.scope)
+                await self.acked.wait()
+                outcome = await self._drive()
+        except Exception as exc:  # what a cancel scope leaves of a mixed exception group
+            outcome = (TaskStatus.FAILED, str(exc) or type(exc).__name__, None)
+        finally:
+            if outcome is None:
+                outcome = (TaskStatus.FAILED, self.cancel_reason or SHUTTING_DOWN, None)
+            with trio.CancelScope(shield=True):
+                await self.manager.finish(self, *outcome)
+            self.done.set()
+
+    async def _drive(self) -> tuple[TaskStatus, str | None, Any]:
+        try:
+            value = await self.agent.run(self)
+        except TaskFailed as exc:
+            return TaskStatus.FAILED, exc.error, exc.result
+        except Exception as exc:
+            self.log.info("session %r: agent raised %s", self.session_id, type(exc).__name__)
+            return TaskStatus.FAILED, str(exc) or type(exc).__name__, None
+        return TaskStatus.COMPLETED, None, value
+
+
+@attrs.define(eq=False)
+class SessionManager:
+    """The live-session store and the TASK / COMMAND_RESULTS handlers (§4)."""
+
+    server: Server
+    agent_factory: AgentFactory
+    live: dict[str, Session] = attrs.field(factory=dict)
+    results: ResultStore = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.results = ResultStore(self.server.config.result_store_size)
+
+    # -------------------------------------------------------------------------- TASK
+
+    async def handle_task(self, conn: Connection, msg: ClientMessage) -> None:
+        entry = conn.entry
+        assert entry is not None
+        registry = self.server.registry
+        is_constellation = entry.role is ClientType.CONSTELLATION
+        requested_sid = msg.session_id or None
+
+        async def reject(error: str, code: str, *, fail_fast: bool = True) -> None:
+            await conn.send_error(
+                error, code, request_id=msg.request_id, session_id=requested_sid
+            )
+            if fail_fast and is_constellation and requested_sid:  # TASK-9
+                try:
+                    await conn.send(
+                        ServerMessage(
+                            type=ServerMessageType.TASK_END,
+                            status=TaskStatus.FAILED,
+                            session_id=requested_sid,
+                            error=error,
+                        )
+                    )
+                except ConnectionGone:
+                    pass
+
+        if self.server.shutting_down:  # TASK-1
+            await reject(SHUTTING_DOWN, "shutting_down")
+            return
+        from ._handlers import quoted
+
+        target_id = msg.target_id or None
+        if is_constellation:  # TASK-2
+            if target_id is None:
+                await reject("Constellation task requests require target_id", "missing_target")
+                return
+            if entry.target_id is not None and target_id != entry.target_id:
+                await reject("Not authorized to dispatch tasks to this device", "not_authorized")
+                return
+            target = registry.get(target_id)
+            if target is None:
+                await reject(f"Target device {quoted(target_id)} is not connected", "unknown_target")
+                return
+            if not target.is_device:
+                await reject("Constellation tasks may only target device clients", "invalid_target")
+                return
+            executor_entry = target
+        else:  # TASK-3
+            if target_id is not None and target_id != entry.client_id:
+                await reject(
+                    "Device clients may not target other devices", "not_authorized", fail_fast=False
+                )
+                return
+            executor_entry = entry
+        executor = executor_entry.connection
+
+        session_id = requested_sid or new_id()  # TASK-4
+        task_name = sanitize_task_name(msg.task_name)
+        existing = self.live.get(session_id)
+        if existing is not None:  # TASK-5
+            if existing.requester_id != entry.client_id:  # SESS-1
+                await reject(
+                    f"session_id {quoted(session_id)} is owned by another client",
+                    "session_owned",
+                    fail_fast=False,
+                )
+            else:  # SESS-2
+                await reject(
+                    f"session_id {quoted(session_id)} is already running",
+                    "session_running",
+                    fail_fast=False,
+                )
+            return
+        if len(conn.requested) >= self.server.config.max_sessions_per_client:  # TASK-6
+            await reject("Too many running sessions for this client", "rate_limited")
+            return
+        try:  # TASK-7
+            agent = self.agent_factory(executor_entry.platform)
+        except UnsupportedPlatform:
+            await reject(
+                f"Service session not supported on {executor_entry.platform}",
+                "unsupported_platform",
+            )
+            return
+        if not executor.is_open:
+            await reject(
+                f"Target device {quoted(executor_entry.client_id)} is not connected",
+                "unknown_target",
+            )
+            return
+
+        session = Session(
+            manager=self,
+            session_id=session_id,
+            task_name=task_name,
+            request=msg.request or "",
+            platform=executor_entry.platform,
+            requester=conn,
+            requester_id=entry.client_id,
+            requester_type=entry.role.value,
+            executor=executor,
+            executor_id=executor_entry.client_id,
+            agent=agent,
+        )
+        # TASK-8: record first, so a teardown that starts while we wait can find the session.
+        self.live[session_id] = session
+        conn.requested[session_id] = session
+        executor.executing[session_id] = session
+        try:
+            await executor.nursery.start(session.run)
+        except BaseException:
+            self._untrack(session)
+            raise
+        log.info(
+            "session %r started: task %r, requester %r, executor %r",
+            session_id,
+            task_name,
+            entry.client_id,
+            executor_entry.client_id,
+        )
+        try:
+            await conn.send(
+                ServerMessage(
+                    type=ServerMessageType.HEARTBEAT,
+                    status=TaskStatus.OK,
+                    session_id=session_id,
+                    task_name=task_name,
+                )
+            )
+        except ConnectionGone:
+            pass  # the requester is closing: its teardown cancels the session
+        finally:
+            session.acked.set()
+
+    # -------------------------------------------------------------------------- results
+
+    async def handle_results(self, conn: Connection, msg: ClientMessage) -> None:
+        session = self.live.get(msg.session_id) if msg.session_id else None
+        if session is None or session.executor is not conn:  # CMD-2, CMD-3
+            return
+        waiter = session.waiters.get(msg.prev_response_id) if msg.prev_response_id else None
+        if waiter is None or waiter.done.is_set():  # CMD-4
+            return
+        results = msg.action_results
+        expected = len(waiter.commands)
+        if results is None or len(results) != expected:  # CMD-5
+            waiter.resolve(_failures(waiter.commands, INVALID_RESULTS))
+            await conn.send_error(
+                f"Invalid command results: expected a list of {expected} results",
+                "invalid_results",
+                request_id=msg.request_id,
+                session_id=session.session_id,
+            )
+            return
+        waiter.resolve(results)
+
+    # -------------------------------------------------------------------------- endings
+
+    def _untrack(self, session: Session) -> None:
+        if self.live.get(session.session_id) is session:
+            del self.live[session.session_id]
+        if session.requester.requested.get(session.session_id) is session:
+            del session.requester.requested[session.session_id]
+        if session.executor.executing.get(session.session_id) is session:
+            del session.executor.executing[session.session_id]
+
+    async def finish(
+        self, session: Session, status: TaskStatus, error: str | None, result: Any
+    ) -> None:
+        """Record the outcome and send the TASK_END to each recipient still connected (END-1…4).
+
+        Called once per session from its shielded `finally`; bounded by SEND_TIMEOUT.
+        """
+        self._untrack(session)
+        frame = ServerMessage(
+            type=ServerMessageType.TASK_END,
+            status=status,
+            session_id=session.session_id,
+            task_name=session.task_name,
+            error=error,
+            result=result,
+        )
+        try:
+            text = encode_server_message(frame)
+        except (TypeError, ValueError, RecursionError):
+            status, error, result = TaskStatus.FAILED, NOT_SERIALISABLE, None
+            frame = attrs.evolve(frame, status=status, error=error, result=None)
+            text = encode_server_message(frame)
+        self.results.add(
+            SessionRecord(
+                session_id=session.session_id,
+                task_name=session.task_name,
+                status=status.value,
+                error=error,
+                result=unstructure(result),
+                finished_at=_wall_now(),
+            )
+        )
+        log.info(
+            "session %r ended: %s%s",
+            session.session_id,
+            status.value,
+            f" ({error})" if error and len(error) <= 200 else "",
+        )
+        recipients = [session.requester]
+        if session.for_constellation and session.executor is not session.requester:
+            recipients.append(session.executor)
+        with self.server.bounded(self.server.config.send_timeout):
+            for conn in recipients:  # END-3: the requester's copy is queued first
+                if conn.is_open:
+                    try:
+                        await conn.send_text(text)
+                    except ConnectionGone:
+                        pass
+
+    async def connection_closing(self, conn: Connection) -> None:
+        """DC-2/DC-3: cancel the sessions this connection executes or requested; wait for them."""
+        affected = list(conn.executing.values())
+        for session in affected:
+            session.cancel(DEVICE_GONE)
+        for session in list(conn.requested.values()):
+            if session.executor is not conn:
+                session.cancel(REQUESTER_GONE)
+                affected.append(session)
+        for session in affected:
+            await session.done.wait()
+
+    async def cancel_all(self, reason: str) -> None:
+        """SHUT-1: cancel every live session and wait until each has sent its TASK_END."""
+        sessions = list(self.live.values())
+        for session in sessions:
+            session.cancel(reason)
+        for session in sessions:
+            await session.done.wait()
+
+    def live_task_names(self) -> set[str]:
+        return {s.task_name for s in self.live.values()}
