@@ -35,7 +35,7 @@ from ._proc import raise_nofile_limit
 VERSION = "0.1.0"
 
 Encoder = Callable[[dict[str, Any]], str]
-Decoder = Callable[[str], Any]
+Decoder = Callable[[str | bytes], Any]
 
 
 def codec(name: str) -> tuple[Encoder, Decoder]:

@@ -188,8 +188,8 @@ def server_command(kind: str, opts: Options, token: str) -> list[str]:
         "ufo_trio",
         "--port",
         "0",
-        "--api-key",
-        token,
+        # `=` form: a random token may start with "-", which argparse would read as a flag.
+        f"--api-key={token}",
         "--log-level",
         "WARNING",
         *opts.ufo_args,
@@ -306,6 +306,8 @@ class Figure:
     ratio_target: tuple[float, str] | None = None
     #: (max absolute ufo value, text) or None.
     abs_target: tuple[float, str] | None = None
+    #: False where ufo_trio / limit means nothing (percentages, CPU shares).
+    ratio: bool = True
 
 
 def _path(*keys: str) -> Callable[[dict[str, Any]], float | None]:
@@ -341,9 +343,16 @@ FIGURES: list[Figure] = [
         label="server CPU use (saturation)",
         get=_path("server_util"),
         fmt="{:.0%}",
+        ratio=False,
         lower_is_better=False,
     ),
-    Figure(kind="heartbeat", label="generator CPU use", get=_path("gen_util"), fmt="{:.0%}"),
+    Figure(
+        kind="heartbeat",
+        label="generator CPU use",
+        get=_path("gen_util"),
+        fmt="{:.0%}",
+        ratio=False,
+    ),
     Figure(
         kind="idle",
         label="RSS KiB / idle device",
@@ -355,7 +364,15 @@ FIGURES: list[Figure] = [
         label="RSS growth, 2nd cycle vs 1st",
         get=_path("cycle_growth_pct"),
         fmt="{:+.1f} %",
+        ratio=False,
         abs_target=(5.0, "within 5 %"),
+    ),
+    Figure(
+        kind="idle",
+        label="loaded RSS growth, 2nd cycle vs 1st",
+        get=_path("loaded_growth_pct"),
+        fmt="{:+.1f} %",
+        ratio=False,
     ),
     Figure(kind="idle", label="baseline RSS MiB", get=lambda r: _mib(r.get("baseline_rss"))),
     Figure(
@@ -467,7 +484,7 @@ def table(
                 text[LIMIT] = "n/a"
             lim, ufo = cells[LIMIT][0], cells[UFO][0]
             ratio = ""
-            if lim and ufo is not None:
+            if figure.ratio and lim and ufo is not None:
                 ratio = f"{ufo / lim:.2f}×"
             target = ""
             if figure.ratio_target and lim and ufo is not None:
@@ -520,7 +537,7 @@ def machine() -> dict[str, Any]:
                 model = line.split(":", 1)[1].strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    versions = {}
+    versions: dict[str, str | None] = {}
     for dist in ("trio", "trio-websocket", "wsproto", "h11", "orjson", "cattrs", "attrs"):
         try:
             versions[dist] = importlib.metadata.version(dist)
