@@ -3,7 +3,14 @@
 The public API is what this module re-exports; everything in `ufo_trio._*` is private.
 """
 
-from ._agents import Agent, AgentFactory, ScriptAgent, SessionContext, TaskFailed, UnsupportedPlatform
+from ._agents import (
+    Agent,
+    AgentFactory,
+    ScriptAgent,
+    SessionContext,
+    TaskFailed,
+    UnsupportedPlatform,
+)
 from ._config import ServerConfig
 from ._errors import ConfigError, ConnectionGone, UfoTrioError
 from ._messages import (

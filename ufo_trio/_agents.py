@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import cattrs
 
 from ._codec import converter
 from ._errors import ConfigError, UfoTrioError
 from ._messages import Command, Result, ResultStatus
+
+if TYPE_CHECKING:
+    import logging
 
 __all__ = [
     "Agent",
@@ -163,11 +165,11 @@ def load_agent_factory(spec: str) -> AgentFactory:
         module = importlib.import_module(module_name)
     except Exception as exc:
         raise ConfigError(f"cannot import agent module {module_name!r}: {exc}") from None
-    factory = module
+    factory: Any = module
     for part in attr.split("."):
-        factory = getattr(factory, part, None)  # type: ignore[assignment]
+        factory = getattr(factory, part, None)
         if factory is None:
             raise ConfigError(f"agent module {module_name!r} has no attribute {attr!r}")
     if not callable(factory):
         raise ConfigError(f"agent {spec!r} is not callable")
-    return factory  # type: ignore[return-value]
+    return factory  # type: ignore[no-any-return]

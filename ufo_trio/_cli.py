@@ -11,8 +11,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
@@ -20,6 +19,9 @@ from ._config import DUPLICATE_POLICIES, LOG_LEVELS, ServerConfig
 from ._errors import ConfigError
 from ._server import Server, serve
 from ._version import __version__
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
 
 PROG = "ufo-trio"
 SUBCOMMANDS = ("serve", "device", "task", "clients")

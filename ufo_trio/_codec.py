@@ -11,8 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import re
-from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import cattrs
 
@@ -28,6 +27,9 @@ from ._messages import (
     TaskStatus,
     ToolType,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = [
     "DecodeError",
@@ -130,11 +132,8 @@ for _enum in (ClientMessageType, TaskStatus, ClientType, ResultStatus, ToolType)
     converter.register_structure_hook(_enum, _enum_hook(_enum))
 converter.register_structure_hook(Command, _object_only(Command))
 converter.register_structure_hook(Result, _object_only(Result))
-for _item in (Command, Result):
-    converter.register_structure_hook_func(
-        lambda t, _i=_item: t == list[_i],  # type: ignore[valid-type]
-        _strict_list(_item),
-    )
+converter.register_structure_hook_func(lambda t: t == list[Command], _strict_list(Command))
+converter.register_structure_hook_func(lambda t: t == list[Result], _strict_list(Result))
 
 _structure_client: Final = converter.get_structure_hook(ClientMessage)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 from ._errors import ConfigError
@@ -29,12 +31,12 @@ PROBE_TIMEOUT_CAP = 5.0
 CLOSE_TIMEOUT = 5.0
 
 
-def _non_negative(_inst: object, attribute: attrs.Attribute[float], value: float) -> None:
+def _non_negative(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if value < 0:
         raise ConfigError(f"{attribute.name.replace('_', '-')} must be >= 0, got {value:g}")
 
 
-def _positive(_inst: object, attribute: attrs.Attribute[float], value: float) -> None:
+def _positive(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if value <= 0:
         raise ConfigError(f"{attribute.name.replace('_', '-')} must be > 0, got {value:g}")
 
@@ -52,6 +54,10 @@ def _one_of(choices: tuple[str, ...]) -> attrs._ValidatorType[str]:
             )
 
     return check
+
+
+def _upper(value: str) -> str:
+    return value.upper()
 
 
 @attrs.frozen(kw_only=True)
@@ -74,9 +80,7 @@ class ServerConfig:
     max_message_size: int = attrs.field(default=100 * 1024 * 1024, validator=_positive)
     duplicate_policy: str = attrs.field(default="probe", validator=_one_of(DUPLICATE_POLICIES))
     shutdown_grace: float = attrs.field(default=5.0, validator=_non_negative)
-    log_level: str = attrs.field(
-        default="INFO", converter=str.upper, validator=_one_of(LOG_LEVELS)
-    )
+    log_level: str = attrs.field(default="INFO", converter=_upper, validator=_one_of(LOG_LEVELS))
     agent: str = "script"
     # Limits that are not CLI flags in the spec but that tests and embedders may tune.
     send_timeout: float = attrs.field(default=SEND_TIMEOUT, validator=_positive)

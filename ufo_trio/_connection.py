@@ -14,7 +14,6 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
-from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -23,12 +22,10 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from ._codec import encode_server_message
 from ._config import CLOSE_TIMEOUT
 from ._errors import ConnectionGone
-from ._messages import ServerMessage, ServerMessageType, TaskStatus
-
-if TYPE_CHECKING:
-    from ._registry import ClientEntry
-    from ._server import Server
-    from ._sessions import Session
+from ._messages import ServerMessage, ServerMessageType, TaskStatus, new_id
+from ._registry import ClientEntry
+from ._server import Server
+from ._sessions import Session
 
 log = logging.getLogger("ufo_trio")
 
@@ -151,7 +148,7 @@ class Connection:
             status=TaskStatus.ERROR,
             error=error,
             session_id=session_id or None,
-            **({"response_id": request_id} if request_id else {}),
+            response_id=request_id or new_id(),
             extra={"code": code},
         )
         try:
@@ -203,8 +200,8 @@ class Connection:
                 trio.current_time() + self.server.config.heartbeat_timeout
             )
 
-    async def probe(self, timeout: float) -> bool:
-        """Ping the peer: True if a pong or any inbound frame arrives within `timeout` (DUP-4).
+    async def probe(self, patience: float) -> bool:
+        """Ping the peer: True if a pong or any inbound frame arrives within `patience` (DUP-4).
 
         A connection that is not REGISTERED (e.g. already CLOSING) fails at once (DC-4).
         """
@@ -222,7 +219,7 @@ class Connection:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ping)
-            with trio.move_on_after(timeout):
+            with trio.move_on_after(patience):
                 await alive.wait()
             nursery.cancel_scope.cancel()
         if alive in self._activity_waiters:
@@ -283,24 +280,35 @@ class Connection:
             # Let the writer flush what is queued (e.g. TASK_END before a 1001, ERROR before
             # 1003) unless the peer is gone or too slow to read.
             self._out_send.close()
-            if self._writer_started and not self._abort and self.close_code is not None:
+            if (
+                self._writer_started
+                and not self._abort
+                and self.close_code is not None
+                and self.close_code not in _DEAD_PEER_CODES
+            ):
                 with server.bounded(config.send_timeout):
                     await self._writer_done.wait()
-            if not self._abort and self.close_code is not None:
-                with server.bounded(CLOSE_TIMEOUT):
-                    await self.ws.aclose(self.close_code, self.close_reason or None)
-            with server.bounded(1.0):
-                await trio.aclose_forcefully(self.stream)
-            self.nursery.cancel_scope.cancel()
             if registered and self.entry is not None:
-                server.registry.remove(self.entry)
+                server.registry.remove(self.entry)  # DC-4: only our own epoch
                 log.info(
                     "%s disconnected: %s",
                     self.label,
                     self.close_reason or _describe_close(self.ws),
                 )
+            self.finished.set()  # cleanup proper is complete; the rest is transport
+            if not self._abort and self.close_code is not None:
+                # A peer that missed its pings will not answer the closing handshake either.
+                patience = 1.0 if self.close_code in _DEAD_PEER_CODES else CLOSE_TIMEOUT
+                with server.bounded(patience):
+                    await self.ws.aclose(self.close_code, self.close_reason or None)
+            with server.bounded(1.0):
+                await trio.aclose_forcefully(self.stream)
+            self.nursery.cancel_scope.cancel()
             self.state = State.CLOSED
-            self.finished.set()
+
+
+#: Closes after which nobody waits for the peer: it missed pings, heartbeats or was replaced.
+_DEAD_PEER_CODES = frozenset({1011, 4001, 4002, 4003})
 
 
 def _describe_close(ws: WebSocketConnection) -> str:

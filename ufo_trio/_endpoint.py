@@ -37,7 +37,7 @@ class _ReplayStream(trio.abc.Stream):
         self._inner = inner
         self._prefix = prefix
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._prefix:
             if max_bytes is None or max_bytes >= len(self._prefix):
                 data, self._prefix = self._prefix, b""
@@ -111,7 +111,7 @@ async def read_head(stream: trio.abc.Stream) -> RequestHead | int | None:
             if not data:
                 return None
             raw += data
-            conn.receive_data(data)
+            conn.receive_data(bytes(data))
             continue
         return None  # pragma: no cover - a server connection yields only the above
 
@@ -178,7 +178,7 @@ def handshake_problem(head: RequestHead) -> int | None:
     return None
 
 
-async def handle_stream(server: Server, stream: trio.SocketStream) -> None:
+async def handle_stream(server: Server, stream: trio.abc.Stream) -> None:
     """Everything that happens on one accepted TCP connection."""
     remote = _peer(stream)
     try:
@@ -230,7 +230,7 @@ def _detail(status: int) -> bytes:
 
 
 async def _serve_websocket(
-    server: Server, stream: trio.SocketStream, head: RequestHead, remote: str
+    server: Server, stream: trio.abc.Stream, head: RequestHead, remote: str
 ) -> None:
     config = server.config
     async with trio.open_nursery() as nursery:
@@ -256,9 +256,12 @@ async def _serve_websocket(
             nursery.cancel_scope.cancel()
 
 
-def _peer(stream: trio.SocketStream) -> str:
+def _peer(stream: trio.abc.Stream) -> str:
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        return "memory"
     try:
-        host, port, *_ = stream.socket.getpeername()
+        host, port, *_ = sock.getpeername()
     except (OSError, ValueError):
         return "?"
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

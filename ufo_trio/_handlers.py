@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 from trio_websocket import ConnectionClosed
 
-from ._version import __version__
 from ._codec import (
     DecodeError,
     decode_client_message,
@@ -29,6 +28,7 @@ from ._messages import (
     TaskStatus,
 )
 from ._registry import ClientEntry
+from ._version import __version__
 
 if TYPE_CHECKING:
     from ._connection import Connection

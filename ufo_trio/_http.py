@@ -8,11 +8,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-import trio
-
 from ._endpoint import RequestHead, send_simple_response
 
 if TYPE_CHECKING:
+    import trio
+
     from ._server import Server
 
 log = logging.getLogger("ufo_trio")

@@ -6,20 +6,17 @@ import logging
 import math
 import secrets
 from functools import partial
-from typing import TYPE_CHECKING
 
 import attrs
 import trio
 
 from ._agents import AgentFactory, load_agent_factory
 from ._config import ServerConfig
+from ._connection import Connection
 from ._endpoint import handle_stream
 from ._http import HttpApi
 from ._registry import Registry
 from ._sessions import SHUTTING_DOWN, SessionManager
-
-if TYPE_CHECKING:
-    from ._connection import Connection
 
 log = logging.getLogger("ufo_trio")
 
@@ -50,6 +47,7 @@ class Server:
     hard_deadline: float = math.inf
     _shutdown: trio.Event = attrs.field(factory=trio.Event)
     _stopped: trio.Event = attrs.field(factory=trio.Event)
+    _nursery: trio.Nursery | None = None
 
     def __attrs_post_init__(self) -> None:
         self.sessions = SessionManager(self, self.agent_factory)
@@ -74,6 +72,43 @@ class Server:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
+    def spawn_connection(self, stream: trio.abc.Stream) -> None:
+        """Serve one already-accepted stream (used by the listener and by in-memory tests)."""
+        assert self._nursery is not None, "the server is not running"
+        self._nursery.start_soon(handle_stream, self, stream)
+
+    async def run(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept on `listeners` (may be empty) until shutdown completes or we are cancelled."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                accept_scope = trio.CancelScope()
+
+                async def accept() -> None:
+                    with accept_scope:
+                        await trio.serve_listeners(
+                            partial(handle_stream, self), listeners, handler_nursery=nursery
+                        )
+
+                if listeners:
+                    nursery.start_soon(accept)
+                    log.info("listening on %s", self.url)
+                task_status.started(self)
+                await self._shutdown.wait()
+                await self._graceful_stop(accept_scope, nursery)
+        finally:
+            self._nursery = None
+            for listener in listeners:
+                with trio.CancelScope(shield=True):
+                    await listener.aclose()
+            self._stopped.set()
+            log.info("stopped")
+
     async def _graceful_stop(self, accept_scope: trio.CancelScope, nursery: trio.Nursery) -> None:
         accept_scope.cancel()  # SHUT-1: stop accepting
         self.shutting_down = True
@@ -92,6 +127,19 @@ class Server:
             conn.close(1001, "server shutting down")
 
 
+def build_server(config: ServerConfig, *, port: int = 0) -> Server:
+    """A `Server` that is not yet running. Raises `ConfigError` for a bad `--agent`."""
+    api_key = config.api_key if config.api_key is not None else secrets.token_urlsafe(32)
+    return Server(
+        config=config,
+        api_key=api_key,
+        api_key_generated=config.api_key is None,
+        agent_factory=load_agent_factory(config.agent),
+        host=config.host,
+        port=port,
+    )
+
+
 async def serve(
     config: ServerConfig, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -101,41 +149,12 @@ async def serve(
     `server = await nursery.start(serve, config)`. Raises `ConfigError` for a bad `--agent`
     and `OSError` if the address cannot be bound.
     """
-    agent_factory = load_agent_factory(config.agent)
-    api_key = config.api_key if config.api_key is not None else secrets.token_urlsafe(32)
+    load_agent_factory(config.agent)  # fail before binding
     listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     if config.port == 0:
         # Each address family would get its own free port; keep one so the URL is unambiguous.
         for extra in listeners[1:]:
             await extra.aclose()
         listeners = listeners[:1]
-    sockname = listeners[0].socket.getsockname()
-    server = Server(
-        config=config,
-        api_key=api_key,
-        api_key_generated=config.api_key is None,
-        agent_factory=agent_factory,
-        host=config.host,
-        port=sockname[1],
-    )
-    try:
-        async with trio.open_nursery() as nursery:
-            accept_scope = trio.CancelScope()
-
-            async def accept() -> None:
-                with accept_scope:
-                    await trio.serve_listeners(
-                        partial(handle_stream, server), listeners, handler_nursery=nursery
-                    )
-
-            nursery.start_soon(accept)
-            log.info("listening on %s", server.url)
-            task_status.started(server)
-            await server._shutdown.wait()
-            await server._graceful_stop(accept_scope, nursery)
-    finally:
-        for listener in listeners:
-            with trio.CancelScope(shield=True):
-                await listener.aclose()
-        server._stopped.set()
-        log.info("stopped")
+    server = build_server(config, port=listeners[0].socket.getsockname()[1])
+    await server.run(listeners, task_status=task_status)

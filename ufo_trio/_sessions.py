@@ -12,13 +12,14 @@ import collections
 import datetime
 import logging
 import re
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import attrs
 import trio
 
 from ._agents import Agent, AgentFactory, TaskFailed, UnsupportedPlatform
 from ._codec import encode_server_message, unstructure
+from ._connection import Connection
 from ._errors import ConnectionGone
 from ._messages import (
     ClientMessage,
@@ -31,10 +32,7 @@ from ._messages import (
     TaskStatus,
     new_id,
 )
-
-if TYPE_CHECKING:
-    from ._connection import Connection
-    from ._server import Server
+from ._server import Server
 
 log = logging.getLogger("ufo_trio")
 
