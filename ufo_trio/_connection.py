@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -23,9 +24,11 @@ from ._codec import encode_server_message
 from ._config import CLOSE_TIMEOUT
 from ._errors import ConnectionGone
 from ._messages import ServerMessage, ServerMessageType, TaskStatus, new_id
-from ._registry import ClientEntry
-from ._server import Server
-from ._sessions import Session
+
+if TYPE_CHECKING:
+    from ._registry import ClientEntry
+    from ._server import Server
+    from ._sessions import Session
 
 log = logging.getLogger("ufo_trio")
 

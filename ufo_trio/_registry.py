@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from ._connection import Connection
 from ._messages import ClientType
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+    from ._connection import Connection
 
 
 _epochs = itertools.count(1)

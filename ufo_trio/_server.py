@@ -6,17 +6,20 @@ import logging
 import math
 import secrets
 from functools import partial
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
 
 from ._agents import AgentFactory, load_agent_factory
-from ._config import ServerConfig
-from ._connection import Connection
 from ._endpoint import handle_stream
 from ._http import HttpApi
 from ._registry import Registry
 from ._sessions import SHUTTING_DOWN, SessionManager
+
+if TYPE_CHECKING:
+    from ._config import ServerConfig
+    from ._connection import Connection
 
 log = logging.getLogger("ufo_trio")
 

@@ -12,14 +12,13 @@ import collections
 import datetime
 import logging
 import re
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
 
 from ._agents import Agent, AgentFactory, TaskFailed, UnsupportedPlatform
 from ._codec import encode_server_message, unstructure
-from ._connection import Connection
 from ._errors import ConnectionGone
 from ._messages import (
     ClientMessage,
@@ -32,7 +31,10 @@ from ._messages import (
     TaskStatus,
     new_id,
 )
-from ._server import Server
+
+if TYPE_CHECKING:
+    from ._connection import Connection
+    from ._server import Server
 
 log = logging.getLogger("ufo_trio")
 
