@@ -49,7 +49,9 @@ def codec(name: str) -> tuple[Encoder, Decoder]:
 
         return dumps_orjson, orjson.loads
     if name == "stdlib":
-        encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+        # The same settings as ufo_trio's codec (compact, ASCII-escaped), so only the protocol
+        # logic differs between the two servers.
+        encoder = json.JSONEncoder(separators=(",", ":"))
         return encoder.encode, json.loads
     raise ValueError(f"unknown JSON library {name!r}")
 

@@ -177,13 +177,19 @@ class Options:
     gen_cpu: int | None
     ufo_args: tuple[str, ...]
     logdir: Path
+    #: Interpreter options before `-m <server>`, e.g. ("-m", "cProfile", "-o", path).
+    python_args: tuple[str, ...] = ()
 
 
 def server_command(kind: str, opts: Options, token: str) -> list[str]:
     if kind == LIMIT:
-        return [sys.executable, "-m", "bench.refserver", "--port", "0", "--json", opts.json_lib]
+        return [
+            sys.executable, *opts.python_args,
+            "-m", "bench.refserver", "--port", "0", "--json", opts.json_lib,
+        ]  # fmt: skip
     return [
         sys.executable,
+        *opts.python_args,
         "-m",
         "ufo_trio",
         "--port",
@@ -236,25 +242,15 @@ def start_server(kind: str, opts: Options, label: str, startup_timeout: float = 
     raise ServerUnavailable(f"{kind} did not start (exit {proc.returncode}): {' | '.join(tail)}")
 
 
-def run_loadgen(server: ServerProc, scenario: Scenario, opts: Options) -> dict[str, Any]:
+def start_loadgen(server: ServerProc, scenario: Scenario, opts: Options) -> subprocess.Popen[bytes]:
     cmd = [
-        sys.executable,
-        "-m",
-        "bench.loadgen",
-        scenario.kind,
-        "--host",
-        server.host,
-        "--port",
-        str(server.port),
-        "--token",
-        server.token,
-        "--server-pid",
-        str(server.pid),
-        "--timeout",
-        str(scenario.timeout),
-    ]
+        sys.executable, "-m", "bench.loadgen", scenario.kind,
+        "--host", server.host, "--port", str(server.port),
+        f"--token={server.token}",  # `=` form: the token may start with "-"
+        "--server-pid", str(server.pid), "--timeout", str(scenario.timeout),
+    ]  # fmt: skip
     for key, value in scenario.params.items():
-        cmd += [f"--{key}", str(value)]
+        cmd.append(f"--{key}={value}")
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -264,8 +260,13 @@ def run_loadgen(server: ServerProc, scenario: Scenario, opts: Options) -> dict[s
         env=child_env(),
     )
     _proc.pin(proc.pid, opts.gen_cpu)
+    return proc
+
+
+def finish_loadgen(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
+    """Wait for the generator and return its JSON result (or an `error` entry)."""
     try:
-        out, err = proc.communicate(timeout=scenario.timeout + 60)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
@@ -277,6 +278,10 @@ def run_loadgen(server: ServerProc, scenario: Scenario, opts: Options) -> dict[s
         tail = err.decode(errors="replace").strip().splitlines()[-3:]
         return {"error": f"load generator failed (exit {proc.returncode}): {' | '.join(tail)}"}
     return result
+
+
+def run_loadgen(server: ServerProc, scenario: Scenario, opts: Options) -> dict[str, Any]:
+    return finish_loadgen(start_loadgen(server, scenario, opts), scenario.timeout + 60)
 
 
 def run_one(kind: str, scenario: Scenario, opts: Options, label: str) -> dict[str, Any]:
