@@ -374,17 +374,21 @@ async def join_many(
     frames: list[bytes],
     concurrency: int,
     latencies: list[float] | None = None,
-) -> tuple[list[Conn], list[str]]:
-    """Register one client per frame, at most `concurrency` handshakes in flight."""
-    conns: list[Conn] = []
+) -> tuple[dict[int, Conn], list[str]]:
+    """Register one client per frame, at most `concurrency` handshakes in flight.
+
+    Returns the connections keyed by the index of their frame: they complete in any order, and
+    a client must keep sending under the identity it registered (ID-1).
+    """
+    conns: dict[int, Conn] = {}
     failures: list[str] = []
     limiter = trio.CapacityLimiter(concurrency)
 
-    async def one(frame: bytes) -> None:
+    async def one(index: int, frame: bytes) -> None:
         async with limiter:
             t0 = time.perf_counter()
             try:
-                conns.append(await target.join(frame))
+                conns[index] = await target.join(frame)
             except (OSError, Closed, WsError, ScenarioError) as exc:
                 failures.append(f"{type(exc).__name__}: {exc}")
                 return
@@ -392,8 +396,8 @@ async def join_many(
                 latencies.append(time.perf_counter() - t0)
 
     async with trio.open_nursery() as nursery:
-        for frame in frames:
-            nursery.start_soon(one, frame)
+        for index, frame in enumerate(frames):
+            nursery.start_soon(one, index, frame)
     return conns, failures
 
 
@@ -441,7 +445,7 @@ async def scenario_idle(target: Target, args: argparse.Namespace) -> dict[str, A
     # per-device costs, so they must land in the baseline.
     base_fds = _proc.fd_count(pid)
     warm, _ = await join_many(target, frames[: min(16, n)], args.concurrency)
-    await close_many(warm)
+    await close_many(list(warm.values()))
     await wait_for_fds(pid, base_fds, 10)
     await trio.sleep(args.settle)
     rss0 = _proc.rss_bytes(pid)
@@ -449,7 +453,8 @@ async def scenario_idle(target: Target, args: argparse.Namespace) -> dict[str, A
     cycles: list[dict[str, Any]] = []
     for _ in range(args.cycles):
         t0 = time.perf_counter()
-        conns, failures = await join_many(target, frames, args.concurrency)
+        joined, failures = await join_many(target, frames, args.concurrency)
+        conns = list(joined.values())
         join_s = time.perf_counter() - t0
         async with trio.open_nursery() as nursery:
             # Idle clients must still answer pings, or liveness would close them mid-run.
@@ -500,7 +505,8 @@ async def scenario_heartbeat(target: Target, args: argparse.Namespace) -> dict[s
     """Closed-loop heartbeats on N connections: server CPU per round trip at saturation."""
     n = args.conns
     ids = [f"bench-hb-{i}" for i in range(n)]
-    conns, failures = await join_many(target, [register_device(i) for i in ids], args.concurrency)
+    joined, failures = await join_many(target, [register_device(i) for i in ids], args.concurrency)
+    conns = list(joined.values())
     if not conns:
         raise ScenarioError(f"no connection registered: {failures[:3]}")
 
@@ -508,6 +514,7 @@ async def scenario_heartbeat(target: Target, args: argparse.Namespace) -> dict[s
     count = 0
     errors = 0
     rtts: list[float] = []
+    error_sample: list[str] = []
     append = rtts.append
     perf = time.perf_counter
 
@@ -522,14 +529,16 @@ async def scenario_heartbeat(target: Target, args: argparse.Namespace) -> dict[s
             t1 = perf()
             if not reply.startswith(HEARTBEAT_OK_PREFIX):
                 errors += 1
+                if len(error_sample) < 3:
+                    error_sample.append(reply[:300].decode(errors="replace"))
             if recording:
                 count += 1
                 append(t1 - t0)
 
     meter = Meter(target.pid)
     async with trio.open_nursery() as nursery:
-        for conn, client_id in zip(conns, ids, strict=False):
-            nursery.start_soon(loop, conn, heartbeat(client_id))
+        for index, conn in joined.items():
+            nursery.start_soon(loop, conn, heartbeat(ids[index]))
         await trio.sleep(args.warmup)
         meter.start()
         recording = True
@@ -539,6 +548,7 @@ async def scenario_heartbeat(target: Target, args: argparse.Namespace) -> dict[s
         nursery.cancel_scope.cancel()
     await close_many(conns)
     out: dict[str, Any] = {"conns": len(conns), "failures": len(failures), "errors": errors}
+    out["error_sample"] = error_sample
     out["round_trips"] = count
     out.update(meter.report(count, "rt"))
     out["rtt"] = latency_summary(rtts)
@@ -553,8 +563,9 @@ async def scenario_storm(target: Target, args: argparse.Namespace) -> dict[str, 
     meter = Meter(target.pid)
     meter.start()
     # No concurrency cap: every client starts at once, as after a server restart.
-    conns, failures = await join_many(target, frames, n, latencies)
+    joined, failures = await join_many(target, frames, n, latencies)
     meter.stop()
+    conns = list(joined.values())
     await close_many(conns)
     out: dict[str, Any] = {"conns": n, "registered": len(conns), "failures": len(failures)}
     out["failure_sample"] = failures[:3]
