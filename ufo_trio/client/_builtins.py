@@ -16,13 +16,15 @@ import shlex
 import socket
 import stat
 import sys
-from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ._tools import ToolContext, ToolError, ToolRegistry
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
 
 #: ``read_text_file`` refuses files larger than this by default.
 DEFAULT_MAX_READ_BYTES = 1024 * 1024
@@ -70,7 +72,7 @@ def collect_system_info(
 
 
 def _sdk_version() -> str:
-    from importlib import metadata  # noqa: PLC0415  (only needed once per registration)
+    from importlib import metadata
 
     try:
         return metadata.version("ufo_trio")
@@ -138,7 +140,8 @@ def default_tools(
 
     @registry.tool("run_command", tool_type="action")
     async def run_command(
-        command: str | list[str], timeout: float = DEFAULT_COMMAND_TIMEOUT
+        command: str | list[str],
+        timeout: float = DEFAULT_COMMAND_TIMEOUT,  # noqa: ASYNC109  (a tool parameter)
     ) -> dict[str, Any]:
         """Run an allow-listed program (no shell); non-zero exit status is a failure."""
         if not allowed:
@@ -154,7 +157,7 @@ def default_tools(
             )
         if not 0 < timeout <= MAX_COMMAND_TIMEOUT:
             raise ToolError(f"timeout must be > 0 and <= {MAX_COMMAND_TIMEOUT:g} s")
-        return await _run_program(argv, cwd=root_path, timeout=timeout)
+        return await _run_program(argv, cwd=root_path, limit=timeout)
 
     return registry
 
@@ -172,9 +175,9 @@ def _split(command: str | list[str]) -> list[str]:
     return argv
 
 
-async def _run_program(argv: list[str], *, cwd: Path | None, timeout: float) -> dict[str, Any]:
+async def _run_program(argv: list[str], *, cwd: Path | None, limit: float) -> dict[str, Any]:
     try:
-        with trio.move_on_after(timeout) as scope:
+        with trio.move_on_after(limit) as scope:
             # run_process kills the child if this scope is cancelled, so nothing outlives us.
             done = await trio.run_process(
                 argv,
@@ -187,8 +190,8 @@ async def _run_program(argv: list[str], *, cwd: Path | None, timeout: float) -> 
     except OSError as exc:
         raise ToolError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
     if scope.cancelled_caught:
-        raise ToolError(f"command {argv[0]!r} timed out after {timeout:g} s")
-    output = {
+        raise ToolError(f"command {argv[0]!r} timed out after {limit:g} s")
+    output: dict[str, Any] = {
         "exit_code": done.returncode,
         "stdout": _decode(done.stdout),
         "stderr": _decode(done.stderr),

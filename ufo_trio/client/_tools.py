@@ -311,15 +311,11 @@ def _inspect(function: Callable[..., Any], tool_name: str) -> _Spec:
         signature = inspect.signature(function)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"cannot read the signature of tool {tool_name!r}: {exc}") from None
-    try:
-        hints = typing.get_type_hints(function)
-    except Exception:  # unresolvable annotations: check names only
-        hints = {}
     parameters: dict[str, tuple[Any, bool]] = {}
     accepts_extra = False
     context_parameter: str | None = None
     for param in signature.parameters.values():
-        annotation = hints.get(param.name, Any)
+        annotation = _resolve(param.annotation, function)
         if param.kind is inspect.Parameter.VAR_KEYWORD:
             accepts_extra = True
         elif param.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.VAR_POSITIONAL):
@@ -332,6 +328,24 @@ def _inspect(function: Callable[..., Any], tool_name: str) -> _Spec:
         else:
             parameters[param.name] = (annotation, param.default is inspect.Parameter.empty)
     return _Spec(parameters, accepts_extra, context_parameter)
+
+
+def _resolve(annotation: Any, function: Callable[..., Any]) -> Any:
+    """Evaluate one parameter's annotation. Each is resolved on its own, so an annotation that
+    cannot be resolved (say, a name imported only under TYPE_CHECKING) costs only its own
+    type check, never the whole signature; it is then treated as ``Any``."""
+    if annotation is inspect.Parameter.empty:
+        return Any
+    if not isinstance(annotation, str):
+        return annotation
+    target = inspect.unwrap(function)
+    while isinstance(target, functools.partial):
+        target = target.func
+    namespace = dict(getattr(target, "__globals__", {}))
+    try:
+        return eval(annotation, namespace)  # the function's own annotation, as typing does
+    except Exception:
+        return ToolContext if annotation == "ToolContext" else Any
 
 
 def check_parameters(tool: Tool, given: Mapping[str, Any]) -> list[str]:
