@@ -13,6 +13,7 @@ from trio_websocket import ConnectionClosed
 from ._codec import (
     DecodeError,
     decode_client_message,
+    encode_heartbeat_ack,
     parse_json_object,
     structure_client_message,
     truncate,
@@ -236,7 +237,7 @@ async def dispatch(conn: Connection, raw: str) -> None:
         await _error(conn, msg, "client_type does not match the registered connection", "identity_mismatch")
         return
     if kind is ClientMessageType.HEARTBEAT:
-        await conn.send(ServerMessage(type=ServerMessageType.HEARTBEAT, status=TaskStatus.OK))
+        await conn.send_text(encode_heartbeat_ack())
     elif kind is ClientMessageType.TASK:
         await conn.server.sessions.handle_task(conn, msg)
     elif kind is ClientMessageType.COMMAND_RESULTS:
