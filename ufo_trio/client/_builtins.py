@@ -33,6 +33,8 @@ MAX_OUTPUT_BYTES = 64 * 1024
 #: ``run_command``'s default and largest timeout, in seconds.
 DEFAULT_COMMAND_TIMEOUT = 60.0
 MAX_COMMAND_TIMEOUT = 3600.0
+#: How long a timed-out program gets between SIGTERM and SIGKILL.
+TERMINATE_GRACE = 2.0
 #: ``list_dir`` returns at most this many entries.
 MAX_DIR_ENTRIES = 10_000
 
@@ -186,6 +188,7 @@ async def _run_program(argv: list[str], *, cwd: Path | None, limit: float) -> di
                 capture_stdout=True,
                 capture_stderr=True,
                 stdin=b"",
+                deliver_cancel=_terminate,
             )
     except OSError as exc:
         raise ToolError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
@@ -201,6 +204,14 @@ async def _run_program(argv: list[str], *, cwd: Path | None, limit: float) -> di
         detail = f": {tail[0][:200]}" if tail[0] else ""
         raise ToolError(f"command exited with status {done.returncode}{detail}", result=output)
     return output
+
+
+async def _terminate(process: trio.Process) -> None:
+    # SIGTERM first so the program may clean up, SIGKILL if it has not exited soon after.
+    process.terminate()
+    with trio.move_on_after(TERMINATE_GRACE):
+        await process.wait()
+    process.kill()
 
 
 def _decode(data: bytes) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import logging
 import types
 import typing
@@ -401,24 +402,25 @@ def matches(value: Any, annotation: Any) -> bool:
 
 
 def _type_name(annotation: Any) -> str:
-    if annotation is Any or annotation is inspect.Parameter.empty:
-        return "any value"
+    """A short JSON-flavoured name: ``string``, ``array[integer]``, ``string|null``..."""
+    if annotation is Any or annotation is object or annotation is inspect.Parameter.empty:
+        return "any"
     if annotation is None or annotation is type(None):
         return "null"
-    simple = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-              list: "a list", dict: "an object"}
+    simple = {bool: "boolean", int: "integer", float: "number", str: "string",
+              list: "array", dict: "object"}
     if annotation in simple:
         return simple[annotation]
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin is typing.Union or origin is types.UnionType:
-        return " or ".join(_type_name(arg) for arg in args)
+        return "|".join(_type_name(arg) for arg in args)
     if origin is typing.Literal:
-        return "one of " + ", ".join(repr(arg) for arg in args)
+        return "|".join(json.dumps(arg) for arg in args)
     if origin is list or origin is abc.Sequence:
-        return f"a list of {_type_name(args[0])}" if args else "a list"
+        return f"array[{_type_name(args[0])}]" if args else "array"
     if origin is dict or origin is abc.Mapping:
-        return "an object"
+        return "object"
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -426,15 +428,15 @@ def _json_type(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
-        return "a boolean"
+        return "boolean"
     if isinstance(value, int):
-        return "an integer"
+        return "integer"
     if isinstance(value, float):
-        return "a number"
+        return "number"
     if isinstance(value, str):
-        return "a string"
+        return "string"
     if isinstance(value, list):
-        return "a list"
+        return "array"
     if isinstance(value, dict):
-        return "an object"
+        return "object"
     return type(value).__name__
