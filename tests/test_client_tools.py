@@ -5,7 +5,6 @@ No sockets: the registry turns Commands into Results on its own.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -116,7 +115,8 @@ def test_include_merges_registries() -> None:
     a.include(b)
     assert a.names() == ["one", "two"]
     two = a.get("two")
-    assert two is not None and two.namespace == "other"
+    assert two is not None
+    assert two.namespace == "other"
     with pytest.raises(ValueError, match="already registered"):
         a.include(b)
 
@@ -407,7 +407,7 @@ def root(tmp_path: Path) -> Path:
     (base / "sub" / "deep.txt").write_text("deep", encoding="utf-8")
     (base / "latin1.txt").write_bytes(b"caf\xe9")
     (tmp_path / "secret.txt").write_text("secret", encoding="utf-8")
-    return base
+    return base.resolve()
 
 
 async def test_list_dir_and_read_text_file_under_root(root: Path) -> None:
@@ -466,7 +466,7 @@ async def test_run_command_allow_list(root: Path) -> None:
     )
     assert ok.status == "success"
     assert ok.result["exit_code"] == 0
-    assert ok.result["stdout"].strip() == os.fspath(root.resolve())
+    assert ok.result["stdout"].strip() == str(root)
     bad = await call(
         tools,
         cmd("run_command", command=[python, "-c", "import sys; sys.exit('nope')"]),
