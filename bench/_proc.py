@@ -37,6 +37,20 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def system_busy_seconds() -> float:
+    """CPU seconds all CPUs spent not idle since boot (from /proc/stat), summed over CPUs.
+
+    The benchmark subtracts the server's and the generator's own CPU from this to show how much
+    *other* load shared the machine during a measurement, because a busy neighbour changes
+    batching and cache behaviour and so the per-round-trip figures.
+    """
+    with open("/proc/stat", "rb") as f:
+        fields = f.readline().split()
+    # cpu user nice system idle iowait irq softirq steal guest guest_nice
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / _CLK_TCK
+
+
 def self_cpu_seconds() -> float:
     t = os.times()
     return t.user + t.system

@@ -317,18 +317,22 @@ class Meter:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self._c0 = self._g0 = self._t0 = 0.0
-        self.server_cpu = self.gen_cpu = self.wall = 0.0
+        self._c0 = self._g0 = self._s0 = self._t0 = 0.0
+        self.server_cpu = self.gen_cpu = self.other_cpu = self.wall = 0.0
 
     def start(self) -> None:
         self._c0 = _proc.cpu_seconds(self.pid)
         self._g0 = _proc.self_cpu_seconds()
+        self._s0 = _proc.system_busy_seconds()
         self._t0 = time.perf_counter()
 
     def stop(self) -> None:
         self.wall = time.perf_counter() - self._t0
         self.server_cpu = _proc.cpu_seconds(self.pid) - self._c0
         self.gen_cpu = _proc.self_cpu_seconds() - self._g0
+        busy = _proc.system_busy_seconds() - self._s0
+        # Tick granularity can make this slightly negative on a quiet machine.
+        self.other_cpu = max(0.0, busy - self.server_cpu - self.gen_cpu)
 
     def report(self, ops: int, unit: str) -> dict[str, float]:
         return {
@@ -337,6 +341,7 @@ class Meter:
             f"server_cpu_us_per_{unit}": self.server_cpu / ops * 1e6 if ops else math.nan,
             "server_util": self.server_cpu / self.wall if self.wall else math.nan,
             "gen_util": self.gen_cpu / self.wall if self.wall else math.nan,
+            "other_util": self.other_cpu / self.wall if self.wall else math.nan,
             f"{unit}_per_s": ops / self.wall if self.wall else math.nan,
         }
 

@@ -359,6 +359,13 @@ FIGURES: list[Figure] = [
         ratio=False,
     ),
     Figure(
+        kind="heartbeat",
+        label="other processes' CPU use (of 1 CPU)",
+        get=_path("other_util"),
+        fmt="{:.0%}",
+        ratio=False,
+    ),
+    Figure(
         kind="idle",
         label="RSS KiB / idle device",
         get=_path("rss_per_device_kib"),
