@@ -145,6 +145,7 @@ class _Runner:
                         await self._serve(link)
                     finally:
                         device.connected = False
+                        device.last_error = link.lost
                         device._notify()
                     error: ClientError = link.lost or ConnectionLost("connection ended")
             except AuthenticationFailed:

@@ -24,6 +24,7 @@ from ._errors import (
     ProtocolViolation,
     RegistrationRefused,
 )
+from ._util import single_error
 from ._wire import FrameError, ServerFrame, encode, parse_server_frame
 
 if TYPE_CHECKING:
@@ -49,6 +50,8 @@ SEND_TIMEOUT = 30.0
 MAX_MESSAGE_SIZE = 100 * 1024 * 1024
 #: trio-websocket's own queue between its reader and us; small, our reader drains it at once.
 MESSAGE_QUEUE_SIZE = 8
+#: Bytes per socket read; trio-websocket's default of 4 KiB is slow for large frames.
+RECEIVE_BUFFER_SIZE = 64 * 1024
 
 
 def check_url(url: str) -> None:
@@ -199,6 +202,35 @@ class Link:
             await self.ws.aclose(code, reason)
 
 
+def _endpoint(url: str) -> tuple[str, int, str, str, bool]:
+    """(host, port, Host header, request target, tls) for a checked ws:// or wss:// URL."""
+    parts = urllib.parse.urlsplit(url)
+    tls = parts.scheme == "wss"
+    host = parts.hostname or ""
+    port = parts.port or (443 if tls else 80)
+    shown_host = f"[{host}]" if ":" in host else host
+    host_header = shown_host if port in (80, 443) else f"{shown_host}:{port}"
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    return host, port, host_header, target, tls
+
+
+def _rejection(exc: BaseException, shown: str) -> ConnectFailed:
+    status = getattr(exc, "status_code", 0)
+    if status == 403:
+        return AuthenticationFailed(
+            f"{shown} refused the connection (HTTP 403): the API key is wrong or missing "
+            "(or the Origin is not allowed)"
+        )
+    if status == 404:
+        return ConnectFailed(
+            f"{shown} has no WebSocket endpoint at this path (HTTP 404); "
+            "the server's endpoint is /ws"
+        )
+    return ConnectFailed(f"{shown} refused the WebSocket handshake (HTTP {status})")
+
+
 @asynccontextmanager
 async def open_link(
     url: str,
@@ -216,25 +248,48 @@ async def open_link(
     handshake, `ConnectFailed` when the server cannot be reached, `RegistrationRefused` when
     the verdict is an ERROR, `ConnectionLost` if the connection ends before the verdict and
     `ProtocolViolation` if the verdict is neither ``heartbeat``/``ok`` nor ``error``.
+    An exception raised by the block itself comes out unchanged.
     """
-    from trio_websocket import (
-        ConnectionRejected,
-        HandshakeError,
-        open_websocket_url,
-    )
+    # We open the TCP stream ourselves (rather than trio-websocket's open_websocket_url) so
+    # that it is closed on every path: trio-websocket leaves the socket of a rejected
+    # handshake open.
+    from trio_websocket import ConnectionRejected, wrap_client_stream
 
     check_url(url)
     shown = redact(url)
+    host, port, host_header, target, tls = _endpoint(with_token(url, api_key))
+    stream: trio.abc.Stream
+    try:
+        with trio.fail_after(connect_timeout):
+            if tls:
+                stream = await trio.open_ssl_over_tcp_stream(host, port, https_compatible=True)
+            else:
+                stream = await trio.open_tcp_stream(host, port)
+    except trio.TooSlowError:
+        raise ConnectFailed(
+            f"cannot connect to {shown}: no connection within {connect_timeout:g} s"
+        ) from None
+    except OSError as exc:
+        raise ConnectFailed(f"cannot connect to {shown}: {exc.strerror or exc}") from None
+
     opened = False
     try:
-        async with open_websocket_url(
-            with_token(url, api_key),
-            max_message_size=MAX_MESSAGE_SIZE,
-            message_queue_size=MESSAGE_QUEUE_SIZE,
-            connect_timeout=connect_timeout,
-            disconnect_timeout=CLOSE_TIMEOUT,
-        ) as ws:
-            opened = True
+        async with trio.open_nursery() as nursery:
+            with trio.move_on_after(connect_timeout) as scope:
+                ws = await wrap_client_stream(
+                    nursery,
+                    stream,
+                    host_header,
+                    target,
+                    max_message_size=MAX_MESSAGE_SIZE,
+                    message_queue_size=MESSAGE_QUEUE_SIZE,
+                    receive_buffer_size=RECEIVE_BUFFER_SIZE,
+                )
+            if scope.cancelled_caught:
+                raise ConnectFailed(
+                    f"cannot connect to {shown}: no WebSocket handshake within "
+                    f"{connect_timeout:g} s"
+                )
             link = Link(ws=ws, url=shown, send_timeout=send_timeout)
             try:
                 await link.send(register)
@@ -254,38 +309,18 @@ async def open_link(
                         "frame instead of heartbeat/ok or error"
                     )
                 link.confirmation = verdict
+                opened = True
                 yield link
             finally:
                 await link.close()
-    except ConnectionRejected as exc:
-        if opened:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        error = single_error(group)
+        if error is None:
             raise
-        if exc.status_code == 403:
-            raise AuthenticationFailed(
-                f"{shown} refused the connection (HTTP 403): the API key is wrong or missing "
-                "(or the Origin is not allowed)"
-            ) from None
-        if exc.status_code == 404:
-            raise ConnectFailed(
-                f"{shown} has no WebSocket endpoint at this path (HTTP 404); "
-                "the server's endpoint is /ws"
-            ) from None
-        raise ConnectFailed(
-            f"{shown} refused the WebSocket handshake (HTTP {exc.status_code})"
-        ) from None
-    except HandshakeError as exc:
-        if opened:
-            raise
-        cause = exc.__cause__
-        detail = (
-            cause.strerror or str(cause)
-            if isinstance(cause, OSError)
-            else f"no handshake within {connect_timeout:g} s"
-            if type(exc).__name__ == "ConnectionTimeout"
-            else str(exc) or type(exc).__name__
-        )
-        raise ConnectFailed(f"cannot connect to {shown}: {detail}") from None
-    except OSError as exc:
-        if opened:
-            raise
-        raise ConnectFailed(f"cannot connect to {shown}: {exc.strerror or exc}") from None
+        if not opened and isinstance(error, ConnectionRejected):
+            raise _rejection(error, shown) from None
+        raise error from None
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(stream)
