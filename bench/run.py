@@ -576,6 +576,14 @@ def machine() -> dict[str, Any]:
     }
 
 
+def background_load(seconds: float = 1.0) -> float:
+    """CPUs' worth of work other processes did over `seconds` before the run (0.0 = quiet)."""
+    busy0, own0, t0 = _proc.system_busy_seconds(), _proc.self_cpu_seconds(), time.monotonic()
+    time.sleep(seconds)
+    busy = _proc.system_busy_seconds() - busy0 - (_proc.self_cpu_seconds() - own0)
+    return max(0.0, busy / (time.monotonic() - t0))
+
+
 def choose_cpus(no_pin: bool) -> tuple[int | None, int | None]:
     if no_pin or not hasattr(os, "sched_getaffinity"):
         return None, None
@@ -632,6 +640,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # Children inherit the raised limit: ufo_trio cannot be told to raise its own.
     info = machine()
+    info["background_load_before"] = round(background_load(), 2)
+    if info["background_load_before"] > 0.1:
+        # Contention changes batching and caches, so per-round-trip figures drift: say so.
+        print(
+            f"warning: other processes are using {info['background_load_before']:.0%} of a CPU; "
+            "figures will be noisy",
+            file=sys.stderr,
+        )
     json_lib = detect_json_lib() if args.json == "auto" else args.json
     server_cpu, gen_cpu = choose_cpus(args.no_pin)
     logdir = Path(tempfile.mkdtemp(prefix="ufo-bench-"))
