@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         gen = start_loadgen(server, scenario, opts)
         if not use_cprofile:
-            time.sleep(warmup + 1.0)
+            # Steady-state scenarios are sampled after their warm-up; one-shot ones (storm,
+            # tasks) from the start, so --seconds should cover their whole run.
+            time.sleep(warmup + 1.0 if "duration" in params else 0.2)
             subprocess.run(
                 [
                     args.py_spy,

@@ -179,27 +179,30 @@ class Options:
     logdir: Path
     #: Interpreter options before `-m <server>`, e.g. ("-m", "cProfile", "-o", path).
     python_args: tuple[str, ...] = ()
+    #: Generation-0 threshold of the cyclic GC in both servers (None: Python's default, 700).
+    gc_threshold: int | None = None
 
 
 def server_command(kind: str, opts: Options, token: str) -> list[str]:
     if kind == LIMIT:
-        return [
-            sys.executable, *opts.python_args,
-            "-m", "bench.refserver", "--port", "0", "--json", opts.json_lib,
+        module, args = "bench.refserver", ["--port", "0", "--json", opts.json_lib]
+    else:
+        module = "ufo_trio"
+        args = [
+            "--port", "0",
+            f"--api-key={token}",  # `=` form: a random token may start with "-"
+            "--log-level", "WARNING",
+            *opts.ufo_args,
         ]  # fmt: skip
-    return [
-        sys.executable,
-        *opts.python_args,
-        "-m",
-        "ufo_trio",
-        "--port",
-        "0",
-        # `=` form: a random token may start with "-", which argparse would read as a flag.
-        f"--api-key={token}",
-        "--log-level",
-        "WARNING",
-        *opts.ufo_args,
-    ]
+    if opts.gc_threshold is None:
+        return [sys.executable, *opts.python_args, "-m", module, *args]
+    # The same server, started through runpy so the collector is tuned before it imports
+    # anything: the process and its pid are still the server itself.
+    prelude = (
+        f"import gc, runpy; gc.set_threshold({opts.gc_threshold}, 20, 100); "
+        f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+    )
+    return [sys.executable, *opts.python_args, "-c", prelude, *args]
 
 
 def child_env() -> dict[str, str]:
@@ -622,6 +625,12 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="extra argument for python -m ufo_trio (repeatable)",
     )
+    parser.add_argument(
+        "--gc-threshold",
+        type=int,
+        default=None,
+        help="run both servers with gc.set_threshold(N, 20, 100) (an experiment knob)",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument("--json-out", type=Path, default=REPO / "bench" / "results" / "latest.json")
     args = parser.parse_args(argv)
@@ -657,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
         gen_cpu=gen_cpu,
         ufo_args=tuple(args.ufo_arg),
         logdir=logdir,
+        gc_threshold=args.gc_threshold,
     )
     print(
         f"# ufo_trio benchmark — {info['cpu_model']}, {info['cpus']} CPUs, Python "
@@ -706,6 +716,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeat": args.repeat,
             "duration": args.duration,
             "ufo_args": args.ufo_arg,
+            "gc_threshold": args.gc_threshold,
         },
         "scenarios": [attrs.asdict(s) for s in scenarios],
         "unavailable": unavailable,
