@@ -77,7 +77,11 @@ def check_confirmation(frame: dict[str, Any]) -> None:
     check_frame(frame, ("protocol", "server"))
     assert frame["type"] == "heartbeat"
     assert frame["status"] == "ok"
-    assert all(frame[key] is None for key in KEYS if key not in ("type", "status", "timestamp", "response_id"))
+    assert all(
+        frame[key] is None
+        for key in KEYS
+        if key not in ("type", "status", "timestamp", "response_id")
+    )
     assert is_uuid4(frame["response_id"])
     assert frame["protocol"] == "aip/1"
     assert frame["server"] == f"ufo_trio/{importlib.metadata.version('ufo_trio')}"
@@ -148,9 +152,11 @@ async def test_constellation_confirmation_reg4_reg7() -> None:
     and for an unscoped one; both ids are then online (REG-8)."""
     async with open_server() as server:
         with trio.fail_after(WAIT):
-            async with connect(server.url) as dev, connect(server.url) as scoped, connect(
-                server.url
-            ) as unscoped:
+            async with (
+                connect(server.url) as dev,
+                connect(server.url) as scoped,
+                connect(server.url) as unscoped,
+            ):
                 check_confirmation(await dev.register("dev-1"))
                 check_confirmation(
                     await scoped.register(
@@ -196,7 +202,9 @@ async def test_device_target_id_is_ignored_reg4() -> None:
         pytest.param({"type": "register", "status": "ok", "client_type": "constellation", "client_id": "c", "target_id": "ghost"}, "Target device 'ghost' is not connected", "unknown_target", id="unknown-target"),
     ],
 )  # fmt: skip
-async def test_registration_failures_reg2_reg4(first: dict[str, Any] | str, text: str, code: str) -> None:
+async def test_registration_failures_reg2_reg4(
+    first: dict[str, Any] | str, text: str, code: str
+) -> None:
     """REG-2 steps 1–4 in order, and REG-4 (unknown target): exact ERROR text and code as the
     first frame, then close 1008; nothing is registered."""
     async with open_server() as server:
@@ -301,7 +309,9 @@ async def test_duplicate_rejected_sec5_dup2_dup4(policy: str) -> None:
     async with open_server(duplicate_policy=policy) as server, connect(server.url) as s1:
         with trio.fail_after(WAIT):
             check_confirmation(
-                await s1.register("shadowed-device", metadata={"system_info": {"hostname": "s1-host"}})
+                await s1.register(
+                    "shadowed-device", metadata={"system_info": {"hostname": "s1-host"}}
+                )
             )
             async with connect(server.url) as s2:
                 await s2.send(SHADOW_REGISTER)
