@@ -301,21 +301,11 @@ END4_ROWS = [
     pytest.param("raise:boom", "failed", "boom", None, id="exception"),
     pytest.param("raise:", "failed", "ValueError", None, id="exception-empty-str"),
     pytest.param("unserialisable", "failed", NOT_SERIALISABLE, None, id="not-serialisable"),
-    pytest.param(
-        "value:[NaN]", "failed", NOT_SERIALISABLE, None, id="not-serialisable-nan",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG END-4/WIRE-1: NaN/Infinity results go out as bare NaN (not JSON)",
-        ),
-    ),
-    pytest.param(
-        "value:{\"x\": Infinity}", "failed", NOT_SERIALISABLE, None,
-        id="not-serialisable-infinity",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG END-4/WIRE-1: NaN/Infinity results go out as bare Infinity (not JSON)",
-        ),
-    ),
+    pytest.param("value:[NaN]", "failed", NOT_SERIALISABLE, None, id="not-serialisable-nan"),
+    pytest.param('value:{"x": Infinity}', "failed", NOT_SERIALISABLE, None,
+                 id="not-serialisable-infinity"),
+    pytest.param('value:"NaN and Infinity are fine in strings"', "completed", None,
+                 "NaN and Infinity are fine in strings", id="nan-in-a-string"),
 ]
 
 
