@@ -501,6 +501,23 @@ async def test_rate_limit_64_live_sessions_per_requesting_connection() -> None:
         assert (await galaxy.recv())["session_id"] == "s-64"
 
 
+async def test_device_rate_limit_never_fails_fast() -> None:
+    """LIM-7/TASK-6 for a device requester (limit lowered to 2 through the config): the third
+    live self-task gets ERROR `rate_limited` with its session_id but no TASK_END (TASK-9 is for
+    constellations only)."""
+    async with world(max_sessions_per_client=2) as w:
+        dev = await w.device("dev-1")
+        for sid in ("a", "b"):
+            await dev.send(device_task("dev-1", session_id=sid))
+            assert (await dev.recv())["session_id"] == sid
+            assert (await dev.recv())["type"] == "command"
+        await dev.send(device_task("dev-1", session_id="c", request_id="rq"))
+        assert_error(await dev.recv(), "Too many running sessions for this client",
+                     "rate_limited", session_id="c", request_id="rq")
+        assert await barrier(dev) == []
+        assert set(w.server.sessions.live) == {"a", "b"}
+
+
 # --------------------------------------------------------------------- session ownership
 
 
@@ -653,12 +670,13 @@ async def test_results_from_the_wrong_sender_are_dropped() -> None:
         assert task_end["result"][0]["results"][0]["result"] == "ran list_tools"
 
 
-@pytest.mark.parametrize("count", [0, 2])
-async def test_results_of_the_wrong_length(count: int) -> None:
+@pytest.mark.parametrize("count", [0, 2, "null", "absent"])
+async def test_results_of_the_wrong_length(count: int | str) -> None:
     """SEC-9 (c), CMD-5, CMD-7, CMD-4: the executor answers a one-Command COMMAND with `count`
-    Results: ERROR `Invalid command results: expected a list of 1 results` (with session_id and
-    the request_id), and the agent gets synthetic failures, so the stop plan fails. A correct
-    answer sent afterwards is dropped silently."""
+    Results (or a null / absent `action_results`: "MUST be a list"): ERROR `Invalid command
+    results: expected a list of 1 results` (with session_id and the request_id), and the agent
+    gets synthetic failures, so the stop plan fails. A correct answer sent afterwards is dropped
+    silently."""
     async with world() as w:
         dev = await w.device("dev-1")
         galaxy = await w.join("g", "constellation")
@@ -666,7 +684,14 @@ async def test_results_of_the_wrong_length(count: int) -> None:
         await galaxy.recv()
         command = await dev.recv()
         good = answer(command, "dev-1")
-        bad = {**good, "action_results": good["action_results"] * count, "request_id": "rq-bad"}
+        bad = {**good, "request_id": "rq-bad"}
+        if count == "null":
+            bad["action_results"] = None
+        elif count == "absent":
+            del bad["action_results"]
+        else:
+            assert isinstance(count, int)
+            bad["action_results"] = good["action_results"] * count
         await dev.send(bad)
         assert_error(await dev.recv(), "Invalid command results: expected a list of 1 results",
                      "invalid_results", session_id="s1", request_id="rq-bad")
