@@ -178,6 +178,10 @@ async def test_silent_device_detected_by_ping_watchdog(
         assert trio.current_time() == registered_at
         await trio.sleep(3.0)
         await silence(dev)
+        # The ping went out at 10 s and has gone unanswered since: still there just before 15 s.
+        await trio.sleep(11.999)
+        assert mem.server.registry.get("dev-1") is not None
+        assert "demo@task-1" in mem.server.sessions.live
 
         task_end = await galaxy.recv()
         assert trio.current_time() == registered_at + 10.0 + 5.0
