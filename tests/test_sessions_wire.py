@@ -387,6 +387,7 @@ async def test_device_may_target_itself(target: str | None) -> None:
         dev = await w.device("dev-1")
         other = await w.device("dev-2")
         frame = device_task("dev-1", "return-ctx", session_id="s-own", task_name="t")
+        frame["status"] = "ok"  # WIRE-4: status is not checked against type (as in SEC-3)
         if target is not None:
             frame["target_id"] = target
         await dev.send(frame)
@@ -594,6 +595,24 @@ async def test_session_id_reuse_by_constellations_never_fails_fast() -> None:
         await dev.send(answer(command, "dev-1"))
         assert (await owner.recv())["status"] == "completed"
         assert (await dev.recv())["status"] == "completed"
+
+
+async def test_long_session_ids_are_truncated_in_error_texts() -> None:
+    """SCOPE-4, SESS-1, SESS-2, WIRE-9: a 300-character session id appears in the error text as
+    the repr of its first 200 characters; the ERROR's session_id field echoes it in full."""
+    sid = "s" * 300
+    async with world() as w:
+        owner = await w.device("owner")
+        other = await w.device("other")
+        await owner.send(device_task("owner", session_id=sid))
+        assert (await owner.recv())["session_id"] == sid
+        await other.send(device_task("other", session_id=sid))
+        assert_error(await other.recv(), f"session_id '{'s' * 200}' is owned by another client",
+                     "session_owned", session_id=sid)
+        await owner.send(device_task("owner", session_id=sid))
+        assert (await owner.recv())["type"] == "command"
+        assert_error(await owner.recv(), f"session_id '{'s' * 200}' is already running",
+                     "session_running", session_id=sid)
 
 
 async def test_session_id_reuse_after_cancellation() -> None:
