@@ -52,11 +52,19 @@ def quoted(value: str) -> str:
 
 
 async def _reject(
-    conn: Connection, error: str, code: str, *, request_id: str | None = None
+    conn: Connection,
+    error: str,
+    code: str,
+    *,
+    request_id: str | None = None,
+    session_id: str | None = None,
 ) -> None:
-    """A registration verdict that is a failure: ERROR, then close 1008 with the code (REG-2)."""
+    """A registration verdict that is a failure: ERROR, then close 1008 with the code (REG-2).
+
+    `session_id` only for a REGISTER that passed schema validation (WIRE-9).
+    """
     log.info("%s: registration refused: %s", conn.label, code)
-    await conn.send_error(error, code, request_id=request_id)
+    await conn.send_error(error, code, request_id=request_id, session_id=session_id)
     conn.close(1008, code)
 
 
@@ -116,6 +124,7 @@ async def register(conn: Connection) -> ClientEntry | None:
             "Registration requires a non-empty client_id",
             "invalid_registration",
             request_id=request_id,
+            session_id=msg.session_id,
         )
         return None
 
@@ -130,6 +139,7 @@ async def register(conn: Connection) -> ClientEntry | None:
                 f"Target device {quoted(target_id)} is not connected",
                 "unknown_target",
                 request_id=request_id,
+                session_id=msg.session_id,
             )
             return None
 
@@ -138,11 +148,15 @@ async def register(conn: Connection) -> ClientEntry | None:
         "duplicate registrations are not allowed"
     )
     if registry.is_reserved(client_id):  # REG-6
-        await _reject(conn, duplicate, "duplicate_client_id", request_id=request_id)
+        await _reject(
+            conn, duplicate, "duplicate_client_id", request_id=request_id, session_id=msg.session_id
+        )
         return None
     existing = registry.get(client_id)
     if existing is not None and config.duplicate_policy == "reject":  # DUP-2
-        await _reject(conn, duplicate, "duplicate_client_id", request_id=request_id)
+        await _reject(
+            conn, duplicate, "duplicate_client_id", request_id=request_id, session_id=msg.session_id
+        )
         return None
 
     registry.reserve(client_id)
@@ -151,7 +165,13 @@ async def register(conn: Connection) -> ClientEntry | None:
             old = existing.connection
             if config.duplicate_policy == "probe":  # DUP-4
                 if await old.probe(min(config.ping_timeout, PROBE_TIMEOUT_CAP)):
-                    await _reject(conn, duplicate, "duplicate_client_id", request_id=request_id)
+                    await _reject(
+                        conn,
+                        duplicate,
+                        "duplicate_client_id",
+                        request_id=request_id,
+                        session_id=msg.session_id,
+                    )
                     return None
             # DUP-3: the old connection's cleanup runs to completion before we confirm.
             log.info("%s takes over %s", conn.remote, old.label)
