@@ -6,6 +6,7 @@ the rules it checks.
 
 from __future__ import annotations
 
+import datetime
 import importlib.metadata
 import json
 import re
@@ -85,6 +86,9 @@ def check_confirmation(frame: dict[str, Any]) -> None:
     assert is_uuid4(frame["response_id"])
     assert frame["protocol"] == "aip/1"
     assert frame["server"] == f"ufo_trio/{importlib.metadata.version('ufo_trio')}"
+    sent = datetime.datetime.fromisoformat(frame["timestamp"])
+    assert sent.utcoffset() == datetime.timedelta(0)
+    assert abs(datetime.datetime.now(datetime.UTC) - sent) < datetime.timedelta(minutes=1)
 
 
 def check_error(
@@ -428,3 +432,81 @@ async def test_duplicate_control_after_cleanup_sec5() -> None:
             async with connect(server.url) as s2:
                 await s2.send(SHADOW_REGISTER)
                 check_confirmation(await s2.recv())
+
+
+async def test_registration_wire4_leniency_reg3() -> None:
+    """WIRE-4 on REGISTER: `status` is not checked against `type`, the last duplicated key wins,
+    unknown keys are ignored. REG-3: the role comes only from `client_type` (`metadata.type`
+    is ignored); REG-4: an empty target_id leaves a constellation unscoped."""
+    async with open_server() as server:
+        with trio.fail_after(WAIT):
+            async with connect(server.url) as a:
+                await a.send(
+                    '{"type":"heartbeat","status":"ok","type":"register","client_id":"a",'
+                    '"status":"failed","surprise":{"x":[1]}}'
+                )
+                check_confirmation(await a.recv())
+            async with (
+                connect(server.url) as dev,
+                connect(server.url) as con,
+                connect(server.url) as unscoped,
+            ):
+                check_confirmation(
+                    await dev.register("dev-x", metadata={"type": "constellation_client"})
+                )
+                # dev-x is a device, so a constellation may scope itself to it (REG-4).
+                check_confirmation(await con.register("con-x", "constellation", target_id="dev-x"))
+                check_confirmation(await unscoped.register("free", "constellation", target_id=""))
+                await unscoped.send(
+                    {"type": "device_info_request", "status": "ok", "client_type": "constellation",
+                     "client_id": "free", "target_id": "con-x", "request_id": "q"}
+                )  # fmt: skip
+                reply = await unscoped.recv()
+                assert reply["type"] == "device_info_response"
+
+
+@pytest.mark.parametrize(
+    ("first", "text", "code"),
+    [
+        ({"type": "register", "status": "ok", "client_id": ""},
+         "Registration requires a non-empty client_id", "invalid_registration"),
+        ({"type": "register", "status": "ok", "client_type": "constellation", "client_id": "c",
+          "target_id": "ghost"}, "Target device 'ghost' is not connected", "unknown_target"),
+    ],
+    ids=["invalid_registration", "unknown_target"],
+)  # fmt: skip
+async def test_registration_error_correlation_wire8_wire9(
+    first: dict[str, Any], text: str, code: str
+) -> None:
+    """WIRE-8 / WIRE-9 on a rejected REGISTER that passed schema validation: the ERROR echoes
+    the frame's request_id as response_id and its session_id."""
+    async with open_server() as server, connect(server.url) as client:
+        with trio.fail_after(WAIT):
+            await client.send({**first, "request_id": "rq-reg", "session_id": "s-reg"})
+            frame = await client.recv()
+            check_error(frame, text, code, session_id="s-reg")
+            assert frame["response_id"] == "rq-reg"
+            assert (await client.closed()).code == 1008
+
+
+async def test_registration_error_echoes_request_id_clar1() -> None:
+    """WIRE-8 / CLAR-1: a first frame that fails before or at schema validation still echoes a
+    readable string request_id (session_id stays null, WIRE-9)."""
+    async with open_server() as server:
+        with trio.fail_after(WAIT):
+            for first, code in (
+                (
+                    {"type": "task", "status": "ok", "request_id": "rq-1", "session_id": "s"},
+                    "not_registered",
+                ),
+                (
+                    {"type": "register", "status": 3, "request_id": "rq-1", "session_id": "s"},
+                    "invalid_message",
+                ),
+            ):
+                async with connect(server.url) as client:
+                    await client.send(first)
+                    frame = await client.recv()
+                    assert frame["code"] == code
+                    assert frame["response_id"] == "rq-1"
+                    assert frame["session_id"] is None
