@@ -69,11 +69,13 @@ class WsprotoPeer:
                 assert isinstance(value, dict)
                 return value
 
-    async def close_code(self) -> int:
-        """Read until the server's close frame (skipping data) and return its code."""
+    async def close_code(self) -> int | None:
+        """Read until the server's close frame (skipping data) and return its code; None if the
+        server closed TCP without a close frame."""
         while True:
             event = await self.next_event()
-            assert event is not None, "TCP closed without a WebSocket close frame"
+            if event is None:
+                return None
             if isinstance(event, CloseConnection):
                 return event.code
 

@@ -19,6 +19,7 @@ import trio
 import trio.testing
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
+from wsproto.extensions import PerMessageDeflate
 
 from ufo_trio import testing as ufo_testing
 from ufo_trio.testing import TEST_KEY, RawClient, open_memory_server, open_server
@@ -217,6 +218,30 @@ async def test_non_ascii_token_raw_bytes_never_500_auth2() -> None:
             assert head.startswith((b"HTTP/1.1 403 ", b"HTTP/1.1 400 ")), head
 
 
+async def test_no_extension_or_subprotocol_is_negotiated_wire1() -> None:
+    """WIRE-1: permessage-deflate is not negotiated and no sub-protocol is selected, even when
+    the client offers them."""
+    async with open_server() as server:
+        with trio.fail_after(WAIT):
+            ws = WSConnection(ConnectionType.CLIENT)
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            async with stream:
+                request = Request(
+                    host=f"127.0.0.1:{server.port}",
+                    target=f"/ws?token={TEST_KEY}",
+                    extensions=[PerMessageDeflate()],
+                    subprotocols=["aip"],
+                )
+                await stream.send_all(ws.send(request))
+                accepted = None
+                while accepted is None:
+                    ws.receive_data(await stream.receive_some(65536))
+                    accepted = next(iter(ws.events()), None)
+                assert isinstance(accepted, AcceptConnection)
+                assert accepted.extensions == []
+                assert accepted.subprotocol is None
+
+
 # --- binary and oversize frames ------------------------------------------------------------------
 
 
@@ -303,6 +328,66 @@ async def test_fragmented_message_size_limit_lim1_sec13(
             assert await peer.close_code() == 1009
             await trio.testing.wait_all_tasks_blocked()
             assert server.registry.online_ids() == []
+
+
+async def test_oversize_first_frame_lim1() -> None:
+    """LIM-1 applies before registration too: close 1009, nothing registered."""
+    async with open_server(max_message_size=256) as server, connect(server.url) as client:
+        with trio.fail_after(WAIT):
+            await client.send(
+                json.dumps({"type": "register", "status": "ok", "client_id": "d" * 300})
+            )
+            assert (await client.closed()).code == 1009
+            await trio.testing.wait_all_tasks_blocked()
+            assert server.registry.online_ids() == []
+
+
+def text_frame(payload: bytes, *, masked: bool = True) -> bytes:
+    """A single client text frame built by hand (FIN, opcode 1; a zero mask key if masked)."""
+    assert len(payload) < 126
+    if not masked:  # a protocol violation: client frames must be masked
+        return bytes((0x81, len(payload))) + payload
+    return bytes((0x81, 0x80 | len(payload))) + b"\0\0\0\0" + payload
+
+
+BAD_FRAMES = [
+    pytest.param(text_frame(b'{"type":"\xff\xfe"}'), 1007, id="invalid-utf8"),
+    pytest.param(text_frame(b'{"type":"heartbeat"}', masked=False), 1002, id="unmasked"),
+]
+
+
+@pytest.mark.parametrize(("frame", "code"), BAD_FRAMES)
+async def test_bad_frame_ends_connection_and_cleans_up(
+    wsproto_peer: Callable[..., AbstractAsyncContextManager[WsprotoPeer]], frame: bytes, code: int
+) -> None:
+    """§2.3 / DC-1: invalid UTF-8 or a WebSocket protocol violation ends the connection, and the
+    registered id is cleaned up. (The close code is checked apart, below.)"""
+    async with open_server() as server, wsproto_peer(server.port) as peer:
+        with trio.fail_after(WAIT):
+            await peer.send_json({"type": "register", "status": "ok", "client_id": "dev-1"})
+            assert (await peer.recv_json())["status"] == "ok"
+            await peer.stream.send_all(frame)
+            assert await peer.close_code() in (code, None)
+            await trio.testing.wait_all_tasks_blocked()
+            assert server.registry.online_ids() == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG (§2.3 close codes 1002/1007): the server drops TCP without a close frame; "
+    "trio-websocket turns wsproto's parse failure into a local close and never sends it",
+)
+@pytest.mark.parametrize(("frame", "code"), BAD_FRAMES)
+async def test_bad_frame_close_code(
+    wsproto_peer: Callable[..., AbstractAsyncContextManager[WsprotoPeer]], frame: bytes, code: int
+) -> None:
+    """§2.3: invalid UTF-8 is answered with close 1007, a protocol violation with 1002."""
+    async with open_server() as server, wsproto_peer(server.port) as peer:
+        with trio.fail_after(WAIT):
+            await peer.send_json({"type": "register", "status": "ok", "client_id": "dev-1"})
+            assert (await peer.recv_json())["status"] == "ok"
+            await peer.stream.send_all(frame)
+            assert await peer.close_code() == code
 
 
 # --- leak checks ---------------------------------------------------------------------------------
