@@ -60,15 +60,28 @@ async def _device_loop(ws: trio_websocket.WebSocketConnection) -> None:
         if frame["type"] != "command":
             continue
         results = [
-            {"status": "success", "error": None, "result": "ok", "namespace": "bench",
-             "call_id": action["call_id"]}
+            {
+                "status": "success",
+                "error": None,
+                "result": "ok",
+                "namespace": "bench",
+                "call_id": action["call_id"],
+            }
             for action in frame["actions"]
         ]
-        await ws.send_message(json.dumps({
-            "type": "command_results", "status": "continue", "client_type": "device",
-            "client_id": DEVICE_ID, "session_id": frame["session_id"],
-            "prev_response_id": frame["response_id"], "action_results": results,
-        }))
+        await ws.send_message(
+            json.dumps(
+                {
+                    "type": "command_results",
+                    "status": "continue",
+                    "client_type": "device",
+                    "client_id": DEVICE_ID,
+                    "session_id": frame["session_id"],
+                    "prev_response_id": frame["response_id"],
+                    "action_results": results,
+                }
+            )
+        )
 
 
 async def measure(url: str, api_key: str, tasks: int, warmup: int) -> list[float]:
@@ -77,21 +90,45 @@ async def measure(url: str, api_key: str, tasks: int, warmup: int) -> list[float
     samples: list[float] = []
     async with trio.open_nursery() as nursery:
         device = await trio_websocket.connect_websocket_url(nursery, full)
-        await _register(device, {"type": "register", "status": "ok", "client_type": "device",
-                                 "client_id": DEVICE_ID, "metadata": {"platform": "linux"}})
+        await _register(
+            device,
+            {
+                "type": "register",
+                "status": "ok",
+                "client_type": "device",
+                "client_id": DEVICE_ID,
+                "metadata": {"platform": "linux"},
+            },
+        )
         galaxy = await trio_websocket.connect_websocket_url(nursery, full)
-        await _register(galaxy, {"type": "register", "status": "ok",
-                                 "client_type": "constellation", "client_id": CONSTELLATION_ID,
-                                 "target_id": DEVICE_ID})
+        await _register(
+            galaxy,
+            {
+                "type": "register",
+                "status": "ok",
+                "client_type": "constellation",
+                "client_id": CONSTELLATION_ID,
+                "target_id": DEVICE_ID,
+            },
+        )
         nursery.start_soon(_device_loop, device)
         for i in range(warmup + tasks):
             session_id = f"lat@{i}"
             started = time.perf_counter()
-            await galaxy.send_message(json.dumps({
-                "type": "task", "status": "continue", "client_type": "constellation",
-                "client_id": CONSTELLATION_ID, "target_id": DEVICE_ID, "session_id": session_id,
-                "task_name": f"lat/{i}", "request": PLAN,
-            }))
+            await galaxy.send_message(
+                json.dumps(
+                    {
+                        "type": "task",
+                        "status": "continue",
+                        "client_type": "constellation",
+                        "client_id": CONSTELLATION_ID,
+                        "target_id": DEVICE_ID,
+                        "session_id": session_id,
+                        "task_name": f"lat/{i}",
+                        "request": PLAN,
+                    }
+                )
+            )
             while True:
                 frame = json.loads(await galaxy.get_message())
                 if frame["type"] == "task_end" and frame["session_id"] == session_id:
@@ -112,9 +149,22 @@ async def measure(url: str, api_key: str, tasks: int, warmup: int) -> list[float
 def _spawn_server(api_key: str) -> tuple[subprocess.Popen[str], str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ufo_trio", "serve", "--host", "127.0.0.1", "--port", "0",
-         f"--api-key={api_key}", "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "ufo_trio",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            f"--api-key={api_key}",
+            "--log-level",
+            "WARNING",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -142,8 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--url", help="an already running server's ws://…/ws URL")
     parser.add_argument("--api-key", help="the key of the server given with --url")
-    parser.add_argument("--in-process", action="store_true",
-                        help="run the server inside this process instead of a subprocess")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the server inside this process instead of a subprocess",
+    )
     parser.add_argument("--json", action="store_true", help="also print one JSON line")
     args = parser.parse_args(argv)
 
@@ -176,8 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         "max_ms": round(ms[-1], 3),
         "mean_ms": round(statistics.fmean(ms), 3),
     }
-    print(f"task round trip (TASK → TASK_END, one-step plan), {where}, "
-          f"{args.warmup} warm-up tasks discarded")
+    print(
+        f"task round trip (TASK → TASK_END, one-step plan), {where}, "
+        f"{args.warmup} warm-up tasks discarded"
+    )
     print("  " + "  ".join(f"{k}={v}" for k, v in figures.items()))
     if args.json:
         print(json.dumps(figures))
