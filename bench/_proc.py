@@ -79,3 +79,25 @@ def pin(pid: int, cpu: int | None) -> bool:
     except OSError:
         return False
     return True
+
+
+def set_nice(pid: int, nice: int | None) -> bool:
+    """Set the scheduling priority of `pid` (negative needs root); False if not possible.
+
+    On a shared machine, other work on the server's CPU steals time slices and changes batching;
+    a higher priority (e.g. -15) keeps the measured processes on their CPUs.
+    """
+    if nice is None:
+        return False
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, nice)
+        # With autogroup scheduling, CFS first shares the CPU evenly between sessions and only
+        # then applies nice inside one, so the session's own group needs the priority too.
+        # Callers start the process in a new session, so the group holds only that process.
+        with open(f"/proc/{pid}/autogroup", "w") as f:
+            f.write(str(nice))
+    except FileNotFoundError:
+        return True  # no autogroup support: plain nice is all there is
+    except OSError:
+        return False
+    return True

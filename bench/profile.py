@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ufo-arg", action="append", default=[])
     parser.add_argument("--py-spy", default=shutil.which("py-spy"), help="py-spy executable")
     parser.add_argument("--cprofile", action="store_true", help="use cProfile, not py-spy")
+    parser.add_argument("--priority", type=int, default=None, help="as for python -m bench")
     parser.add_argument("--out", type=Path, default=None, help="directory for the raw profile")
     args = parser.parse_args(argv)
 
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         ufo_args=tuple(args.ufo_arg),
         logdir=outdir,
         python_args=("-m", "cProfile", "-o", str(cprofile_path)) if use_cprofile else (),
+        priority=args.priority,
     )
     # Keep the load running a little longer than the sampling window on both sides.
     params = dict(base.params)
