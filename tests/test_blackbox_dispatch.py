@@ -615,3 +615,28 @@ async def test_isolation_sec6_di4_disp1() -> None:
             await nothing_pending(con, "constellation-1")
             await nothing_pending(observer, "observer-1")
             assert len(server.sessions.live) == 0
+
+
+async def test_replies_follow_frame_order_proc1_proc2() -> None:
+    """PROC-1 / PROC-2: frames are handled strictly in arrival order and the replies on a
+    connection follow the order of the frames they answer (acks, ERRORs and echoes mixed)."""
+    async with one_device() as (_server, dev):
+        expected = []
+        for i in range(60):
+            kind = i % 3
+            if kind == 0:
+                await dev.send({"type": "heartbeat", "status": "ok", "request_id": f"h-{i}"})
+                expected.append(("heartbeat", None))
+            elif kind == 1:
+                await dev.send({"type": "bogus", "status": "ok", "request_id": f"rq-{i}"})
+                expected.append(("error", f"rq-{i}"))
+            else:
+                await dev.send(
+                    {"type": "error", "status": "error", "error": f"e-{i}", "request_id": f"rq-{i}"}
+                )
+                expected.append(("error", f"rq-{i}"))
+        for kind, response_id in expected:
+            frame = await dev.recv()
+            assert frame["type"] == kind
+            if response_id is not None:
+                assert frame["response_id"] == response_id

@@ -242,6 +242,36 @@ async def test_no_extension_or_subprotocol_is_negotiated_wire1() -> None:
                 assert accepted.subprotocol is None
 
 
+async def test_slow_handshake_is_dropped_lim2_sec14() -> None:
+    """LIM-2 / SEC-14: an incomplete request head is dropped after --registration-timeout with
+    no response at all (a short timeout keeps the real wait small)."""
+    async with open_server(registration_timeout=0.3) as server:
+        with trio.fail_after(WAIT):
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            async with stream:
+                await stream.send_all(b"GET /ws?token=test-key HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+                start = trio.current_time()
+                received = b""
+                while chunk := await stream.receive_some(4096):
+                    received += chunk
+                assert received == b""
+                assert trio.current_time() - start >= 0.3
+
+
+async def test_silent_socket_gets_registration_timeout_reg1_sec14() -> None:
+    """REG-1 / SEC-14 over a real socket: an accepted connection that never registers gets
+    ERROR `Registration timed out` (registration_timeout) and close 1008."""
+    async with open_server(registration_timeout=0.3) as server, connect(server.url) as client:
+        with trio.fail_after(WAIT):
+            frame = await client.recv()
+            assert (frame["type"], frame["status"]) == ("error", "error")
+            assert (frame["error"], frame["code"]) == (
+                "Registration timed out",
+                "registration_timeout",
+            )
+            assert (await client.closed()).code == 1008
+
+
 # --- binary and oversize frames ------------------------------------------------------------------
 
 
