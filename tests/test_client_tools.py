@@ -298,7 +298,7 @@ async def test_non_json_result_is_a_failure() -> None:
     assert result.error == "tool 'setty' returned a non-JSON-serialisable set"
 
 
-async def test_cancellation_is_not_swallowed() -> None:
+async def test_cancellation_is_not_swallowed(autojump_clock: trio.testing.MockClock) -> None:
     tools = ToolRegistry()
 
     @tools.tool("forever")

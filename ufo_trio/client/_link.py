@@ -216,6 +216,39 @@ def _endpoint(url: str) -> tuple[str, int, str, str, bool]:
     return host, port, host_header, target, tls
 
 
+async def _hold_websocket(
+    stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
+    host_header: str,
+    target: str,
+    *,
+    task_status: trio.TaskStatus[tuple[WebSocket, trio.CancelScope]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the WebSocket handshake, then keep trio-websocket's reader task alive until our
+    caller cancels the returned scope.
+
+    After the handshake the scope is shielded: when the link's owner is cancelled, the
+    reader must keep running for the closing handshake in `Link.close` to get its answer
+    (bounded by `CLOSE_TIMEOUT` there). Without it every cancelled close would wait out the
+    full timeout.
+    """
+    from trio_websocket import wrap_client_stream
+
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            ws = await wrap_client_stream(
+                nursery,
+                stream,
+                host_header,
+                target,
+                max_message_size=MAX_MESSAGE_SIZE,
+                message_queue_size=MESSAGE_QUEUE_SIZE,
+                receive_buffer_size=RECEIVE_BUFFER_SIZE,
+            )
+            scope.shield = True
+            task_status.started((ws, scope))
+            await trio.sleep_forever()
+
+
 def _rejection(exc: BaseException, shown: str) -> ConnectFailed:
     status = getattr(exc, "status_code", 0)
     if status == 403:
@@ -253,7 +286,7 @@ async def open_link(
     # We open the TCP stream ourselves (rather than trio-websocket's open_websocket_url) so
     # that it is closed on every path: trio-websocket leaves the socket of a rejected
     # handshake open.
-    from trio_websocket import ConnectionRejected, wrap_client_stream
+    from trio_websocket import ConnectionRejected
 
     check_url(url)
     shown = redact(url)
@@ -276,15 +309,7 @@ async def open_link(
     try:
         async with trio.open_nursery() as nursery:
             with trio.move_on_after(connect_timeout) as scope:
-                ws = await wrap_client_stream(
-                    nursery,
-                    stream,
-                    host_header,
-                    target,
-                    max_message_size=MAX_MESSAGE_SIZE,
-                    message_queue_size=MESSAGE_QUEUE_SIZE,
-                    receive_buffer_size=RECEIVE_BUFFER_SIZE,
-                )
+                ws, reader_scope = await nursery.start(_hold_websocket, stream, host_header, target)
             if scope.cancelled_caught:
                 raise ConnectFailed(
                     f"cannot connect to {shown}: no WebSocket handshake within "
@@ -313,7 +338,7 @@ async def open_link(
                 yield link
             finally:
                 await link.close()
-                nursery.cancel_scope.cancel()
+                reader_scope.cancel()
     except BaseExceptionGroup as group:
         error = single_error(group)
         if error is None:
