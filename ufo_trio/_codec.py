@@ -166,10 +166,19 @@ def _request_id_of(obj: dict[str, Any]) -> str | None:
     return rid if type(rid) is str and rid else None
 
 
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+# NaN and Infinity are Python extensions, not JSON: refusing them here means no client value can
+# later make an outbound frame invalid JSON.
+_decode: Final = json.JSONDecoder(parse_constant=_no_constants).decode
+
+
 def parse_json_object(text: str) -> dict[str, Any]:
     """WIRE-6 steps 1–2: text → JSON object, or `DecodeError`."""
     try:
-        obj = json.loads(text)
+        obj = _decode(text)
     except (ValueError, RecursionError):
         raise DecodeError("Invalid message: not valid JSON") from None
     if type(obj) is not dict:

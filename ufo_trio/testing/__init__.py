@@ -88,7 +88,11 @@ async def connect(
     if token is not None:
         url = f"{url}?token={urllib.parse.quote(token)}"
     async with trio_websocket.open_websocket_url(url, extra_headers=headers) as ws:
-        yield RawClient(ws)
+        try:
+            yield RawClient(ws)
+        finally:
+            # When the server closed first, trio-websocket's client may leave its socket open.
+            await trio.aclose_forcefully(ws._stream)
 
 
 @attrs.define(eq=False)
