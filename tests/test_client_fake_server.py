@@ -210,6 +210,38 @@ async def test_full_command_queue_is_answered_busy_at_once(
     assert done["action_results"][0]["result"] == "done"
 
 
+async def test_device_answers_a_dispatched_task_with_a_task(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    # HTTP-3: the server pushes a TASK assignment; like the real device, the SDK device sends
+    # an ordinary TASK with the request, the same task_name and no session_id (COMPAT-10).
+    got: list[dict[str, Any]] = []
+    done = trio.Event()
+
+    async def handler(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        await receive(ws)
+        await send(ws, CONFIRM)
+        await send(ws, {"type": "task", "status": "continue", "user_request": "do it",
+                        "task_name": "t-1", "session_id": "A", "response_id": "B"})
+        got.append(await receive(ws))
+        done.set()
+        await trio.sleep_forever()
+
+    url = await fake_server(nursery, handler)
+    async with open_device(url, "dev-1", heartbeat_interval=0, ping_interval=0):
+        await done.wait()
+    task = got[0]
+    assert task["type"] == "task"
+    assert task["status"] == "continue"
+    assert task["client_type"] == "device"
+    assert task["client_id"] == "dev-1"
+    assert task["request"] == "do it"
+    assert task["task_name"] == "t-1"
+    assert task["session_id"] is None
+    assert is_uuid4(task["request_id"])
+
+
 # ------------------------------------------------------------------------------- reconnection
 
 
