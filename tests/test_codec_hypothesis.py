@@ -14,7 +14,7 @@ import json
 import re
 from typing import Any
 
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ufo_trio._codec import DecodeError, decode_client_message, encode_server_message
@@ -132,6 +132,7 @@ def as_frame(msg: ClientMessage) -> dict[str, Any]:
     return frame
 
 
+@settings(deadline=None)  # no per-example deadline: CI machines are noisy
 @given(client_frames)
 def test_client_message_round_trip_wire4(frame: dict[str, Any]) -> None:
     """WIRE-4: valid ClientMessage-shaped objects decode to their values (unknown keys ignored,
@@ -163,6 +164,7 @@ def decode_checked(text: str, value: object) -> DecodeError | None:
     return None
 
 
+@settings(deadline=None)  # no per-example deadline: CI machines are noisy
 @given(st.text())
 @example("")
 @example("{")
@@ -180,6 +182,7 @@ def test_arbitrary_text_only_raises_decode_error_wire6(text: str) -> None:
         assert exc.error in (f"{INVALID}not valid JSON", f"{INVALID}expected a JSON object")
 
 
+@settings(deadline=None)  # no per-example deadline: CI machines are noisy
 @given(json_values())
 def test_arbitrary_json_values_only_raise_decode_error_wire6(value: Any) -> None:
     """Arbitrary JSON values (objects included): only DecodeError, with a WIRE-6 text."""
@@ -206,6 +209,7 @@ junk_frames = st.fixed_dictionaries(
 )  # fmt: skip
 
 
+@settings(deadline=None)  # no per-example deadline: CI machines are noisy
 @given(junk_frames)
 def test_invalid_message_texts_never_echo_input_wire6(frame: dict[str, Any]) -> None:
     """WIRE-6: invalid_message texts never contain input values (every client-supplied string
@@ -259,6 +263,7 @@ server_messages = st.builds(
 )
 
 
+@settings(deadline=None)  # no per-example deadline: CI machines are noisy
 @given(server_messages)
 @example(ServerMessage(type=ServerMessageType.ERROR, status=TaskStatus.ERROR, error="\ud800 lone"))
 def test_encode_server_message_shape_wire3_wire5_wire7(msg: ServerMessage) -> None:
