@@ -149,7 +149,9 @@ async def test_heartbeat_ack_disp1_wire8() -> None:
             '{"type":"bogus","type":"heartbeat","status":"ok"}',
         ):
             await dev.send(frame)
-            ack = await dev.recv()
+            raw = await dev.ws.get_message()
+            assert raw == json.dumps(json.loads(raw), separators=(",", ":"))  # WIRE-3: compact
+            ack = json.loads(raw)
             check_ack(ack)
             assert ack["response_id"] not in seen
             seen.add(ack["response_id"])

@@ -510,3 +510,31 @@ async def test_registration_error_echoes_request_id_clar1() -> None:
                     assert frame["code"] == code
                     assert frame["response_id"] == "rq-1"
                     assert frame["session_id"] is None
+
+
+async def test_ids_in_error_texts_are_truncated_scope4() -> None:
+    """SCOPE-4: a client-supplied id is cut to 200 characters before it goes into an error text
+    (REG-4 unknown target, DUP-2 duplicate id), then formatted with repr."""
+    long_target = "t" * 150 + "u" * 350
+    long_id = "d" * 120 + "e" * 380
+    async with open_server(duplicate_policy="reject") as server:
+        with trio.fail_after(WAIT):
+            async with connect(server.url) as client:
+                await client.send(
+                    {"type": "register", "status": "ok", "client_type": "constellation",
+                     "client_id": "c", "target_id": long_target}
+                )  # fmt: skip
+                check_error(
+                    await client.recv(),
+                    f"Target device {long_target[:200]!r} is not connected",
+                    "unknown_target",
+                )
+            async with connect(server.url) as first, connect(server.url) as second:
+                check_confirmation(await first.register(long_id))
+                await second.send({"type": "register", "status": "ok", "client_id": long_id})
+                check_error(
+                    await second.recv(),
+                    f"client_id {long_id[:200]!r} is already registered; "
+                    "duplicate registrations are not allowed",
+                    "duplicate_client_id",
+                )
