@@ -307,7 +307,10 @@ async def test_unreachable_server_and_wrong_path(
     await listener.bind(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     listener.close()  # nothing listens on `port` now
-    with pytest.raises(ConnectFailed, match=f"cannot connect to ws://127.0.0.1:{port}/ws"):
+    with pytest.raises(
+        ConnectFailed,
+        match=rf"cannot connect to ws://127.0.0.1:{port}/ws: Connection refused \(is the server running\?\)",
+    ):
         async with open_device(f"ws://127.0.0.1:{port}/ws", "d", api_key=KEY):
             pass  # pragma: no cover
 

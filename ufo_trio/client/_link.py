@@ -10,6 +10,7 @@ may have left half a frame on the wire.
 from __future__ import annotations
 
 import logging
+import os
 import urllib.parse
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Protocol
@@ -249,6 +250,19 @@ async def _hold_websocket(
             await trio.sleep_forever()
 
 
+def _os_reason(exc: OSError) -> str:
+    """A short reason for a failed connect; trio reports several attempts as one group."""
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        leaves = [e for e in cause.exceptions if isinstance(e, OSError)]
+        if leaves:
+            exc = leaves[0]
+    reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
+    if isinstance(exc, ConnectionRefusedError):
+        reason += " (is the server running?)"
+    return reason
+
+
 def _rejection(exc: BaseException, shown: str) -> ConnectFailed:
     status = getattr(exc, "status_code", 0)
     if status == 403:
@@ -303,7 +317,7 @@ async def open_link(
             f"cannot connect to {shown}: no connection within {connect_timeout:g} s"
         ) from None
     except OSError as exc:
-        raise ConnectFailed(f"cannot connect to {shown}: {exc.strerror or exc}") from None
+        raise ConnectFailed(f"cannot connect to {shown}: {_os_reason(exc)}") from None
 
     opened = False
     try:
