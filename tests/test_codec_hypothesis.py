@@ -155,6 +155,11 @@ def check_decode_error(exc: DecodeError, value: object) -> None:
     assert exc.request_id == (rid if isinstance(rid, str) and rid else None)
 
 
+def not_json(name: str) -> Any:
+    """NaN and Infinity are Python extensions, not JSON (RFC 8259)."""
+    raise ValueError(name)
+
+
 def decode_checked(text: str, value: object) -> DecodeError | None:
     try:
         decode_client_message(text)
@@ -171,10 +176,11 @@ def decode_checked(text: str, value: object) -> DecodeError | None:
 @example("[" * 100_000)  # deep nesting must not escape as RecursionError
 @example('{"type":"heartbeat"')
 @example('{"type":"heartbeat","status":"ok"}')
+@example('{"type":"heartbeat","status":"ok","request_id":"r","x":NaN}')
 def test_arbitrary_text_only_raises_decode_error_wire6(text: str) -> None:
     """Arbitrary text: either a message or a DecodeError with a WIRE-6 text; nothing else."""
     try:
-        value: object = json.loads(text)
+        value: object = json.loads(text, parse_constant=not_json)
     except (ValueError, RecursionError):
         value = None
     exc = decode_checked(text, value)
