@@ -328,7 +328,8 @@ async def test_message_size_limit_lim1_sec13() -> None:
             await client.send(padded_heartbeat(1024))
             assert (await client.recv())["type"] == "heartbeat"
             await client.send(padded_heartbeat(1025))
-            assert (await client.closed()).code == 1009
+            reason = await client.closed()
+            assert (reason.code, reason.reason) == (1009, "message too big")
             await trio.testing.wait_all_tasks_blocked()
             assert server.registry.online_ids() == []
 
@@ -402,11 +403,6 @@ async def test_bad_frame_ends_connection_and_cleans_up(
             assert server.registry.online_ids() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (§2.3 close codes 1002/1007): the server drops TCP without a close frame; "
-    "trio-websocket turns wsproto's parse failure into a local close and never sends it",
-)
 @pytest.mark.parametrize(("frame", "code"), BAD_FRAMES)
 async def test_bad_frame_close_code(
     wsproto_peer: Callable[..., AbstractAsyncContextManager[WsprotoPeer]], frame: bytes, code: int
