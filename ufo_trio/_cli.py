@@ -15,7 +15,18 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
-from ._config import DUPLICATE_POLICIES, LOG_LEVELS, ServerConfig
+from ._config import (
+    DUPLICATE_POLICIES,
+    LOG_LEVELS,
+    MAX_BODY_SIZE,
+    MAX_CONNECTIONS,
+    MAX_HEADER_SIZE,
+    MAX_SESSIONS_PER_CLIENT,
+    MESSAGE_BURST,
+    MESSAGE_RATE,
+    SEND_TIMEOUT,
+    ServerConfig,
+)
 from ._errors import ConfigError
 from ._server import Server, serve
 from ._version import __version__
@@ -62,6 +73,16 @@ def _upper(text: str) -> str:
     return text.upper()
 
 
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number per second, got {text!r}") from None
+    if value < 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
 # (flag, type, default, help). Defaults mirror ServerConfig; env vars are UFO_TRIO_<NAME>.
 _SERVE_FLAGS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("--host", str, "127.0.0.1", "address to listen on"),
@@ -78,6 +99,14 @@ _SERVE_FLAGS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("--shutdown-grace", _seconds, 5.0, "seconds connections get to close on shutdown"),
     ("--log-level", _upper, "INFO", "DEBUG | INFO | WARNING | ERROR"),
     ("--agent", str, "script", "'script' or package.module:factory"),
+    # Hardening limits (docs/operations.md).
+    ("--max-connections", _int, MAX_CONNECTIONS, "concurrent TCP connections; more get 503; 0 = no cap"),
+    ("--message-rate", _rate, MESSAGE_RATE, "data frames per second per connection; 0 = off"),
+    ("--message-burst", _size, MESSAGE_BURST, "frames a connection may send at once above the rate"),
+    ("--max-sessions-per-client", _size, MAX_SESSIONS_PER_CLIENT, "live sessions per requester"),
+    ("--send-timeout", _seconds, SEND_TIMEOUT, "seconds to write or queue one outbound frame"),
+    ("--max-header-size", _size, MAX_HEADER_SIZE, "largest HTTP request head in bytes; more get 431"),
+    ("--max-body-size", _size, MAX_BODY_SIZE, "largest HTTP request body in bytes; more get 413"),
 ]
 
 
@@ -109,12 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser = sub.add_parser("serve", help="run the server (the default)")
     _add_serve_flags(serve_parser)
     serve_parser.set_defaults(func=run_serve)
-    try:
-        from .client._cli import add_subcommands
-    except ImportError:
-        add_subcommands = None
-    if add_subcommands is not None:
-        add_subcommands(sub)
+    from .client._cli import add_subcommands  # deferred: keeps `serve` start-up lean
+
+    add_subcommands(sub)
     return parser
 
 

@@ -25,6 +25,11 @@ MAX_BODY_SIZE = 1024 * 1024
 MAX_SESSIONS_PER_CLIENT = 64
 #: LIM-8: finished-session result store.
 RESULT_STORE_SIZE = 1024
+#: Concurrent TCP connections (WebSocket and HTTP); one more gets 503.
+MAX_CONNECTIONS = 16384
+#: Data frames per second a registered connection may send on average, and the burst on top.
+MESSAGE_RATE = 1000.0
+MESSAGE_BURST = 2000
 #: DUP-4: upper bound of the duplicate-id probe.
 PROBE_TIMEOUT_CAP = 5.0
 #: How long the WebSocket closing handshake may take before the socket is aborted.
@@ -92,3 +97,9 @@ class ServerConfig:
     result_store_size: int = attrs.field(default=RESULT_STORE_SIZE, validator=_positive)
     #: trio-websocket reads 4 KiB at a time by default, which is slow for large frames.
     receive_buffer_size: int = attrs.field(default=64 * 1024, validator=_positive)
+    # Hardening limits (docs/operations.md); 0 turns the connection cap and the rate limit off.
+    max_connections: int = attrs.field(default=MAX_CONNECTIONS, validator=_non_negative)
+    message_rate: float = attrs.field(default=MESSAGE_RATE, validator=_non_negative)
+    message_burst: int = attrs.field(default=MESSAGE_BURST, validator=_positive)
+    max_header_size: int = attrs.field(default=MAX_HEADER_SIZE, validator=_positive)
+    max_body_size: int = attrs.field(default=MAX_BODY_SIZE, validator=_positive)

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING
 
 import h11
 import trio
-import trio_websocket
 
 from ._config import MAX_HEADER_SIZE
 from ._connection import Connection
+from ._limits import log_refusal, refuse_connection
+from ._websocket import open_server_websocket
 
 if TYPE_CHECKING:
     from ._server import Server
@@ -95,9 +96,11 @@ class RequestHead:
         return f"{self.path}?{masked}"
 
 
-async def read_head(stream: trio.abc.Stream) -> RequestHead | int | None:
+async def read_head(
+    stream: trio.abc.Stream, max_header_size: int = MAX_HEADER_SIZE
+) -> RequestHead | int | None:
     """Read one request head. Returns it, or an HTTP status to refuse with, or None on EOF."""
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_SIZE)
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_size)
     raw = bytearray()
     while True:
         try:
@@ -105,9 +108,13 @@ async def read_head(stream: trio.abc.Stream) -> RequestHead | int | None:
         except h11.RemoteProtocolError as exc:
             return 431 if "too long" in str(exc).lower() else exc.error_status_hint
         if isinstance(event, h11.Request):
+            # h11 checks the size only while the head is incomplete; a head that arrives whole
+            # in a few large reads can be bigger than the limit (LIM-3).
+            if len(raw) - len(conn.trailing_data[0]) > max_header_size:
+                return 431
             return RequestHead(conn, event, bytes(raw))
         if event is h11.NEED_DATA:
-            data = await stream.receive_some(MAX_HEADER_SIZE)
+            data = await stream.receive_some(max_header_size)
             if not data:
                 return None
             raw += data
@@ -181,16 +188,25 @@ def handshake_problem(head: RequestHead) -> int | None:
 async def handle_stream(server: Server, stream: trio.abc.Stream) -> None:
     """Everything that happens on one accepted TCP connection."""
     remote = _peer(stream)
+    config = server.config
+    counted = False
     try:
+        if config.max_connections and server.open_streams >= config.max_connections:
+            await refuse_connection(stream, remote, config.max_connections)
+            return
+        server.open_streams += 1
+        counted = True
         head: RequestHead | int | None = None
-        with trio.move_on_after(server.config.registration_timeout) as deadline:  # LIM-2
-            head = await read_head(stream)
+        with trio.move_on_after(config.registration_timeout) as deadline:  # LIM-2
+            head = await read_head(stream, config.max_header_size)
         if deadline.cancelled_caught:
-            log.info("%s: no complete request head in time; dropped", remote)
+            log_refusal(remote, "registration-timeout", f"{config.registration_timeout:g}s for the request head")
             return
         if head is None:
             return
         if isinstance(head, int):
+            if head == 431:
+                log_refusal(remote, "max-header-size", f"{config.max_header_size} bytes; 431")
             await send_simple_response(stream, head, _detail(head))
             return
         if not head.is_websocket_upgrade:
@@ -219,6 +235,8 @@ async def handle_stream(server: Server, stream: trio.abc.Stream) -> None:
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(1.0):
             await trio.aclose_forcefully(stream)
+        if counted:
+            server.open_streams -= 1
 
 
 def _detail(status: int) -> bytes:
@@ -235,12 +253,8 @@ async def _serve_websocket(
     config = server.config
     async with trio.open_nursery() as nursery:
         with trio.move_on_after(config.registration_timeout) as handshake:
-            request = await trio_websocket.wrap_server_stream(
-                nursery,
-                _ReplayStream(stream, head.raw),
-                message_queue_size=config.inbound_queue_size,
-                max_message_size=config.max_message_size,
-                receive_buffer_size=config.receive_buffer_size,
+            request = await open_server_websocket(
+                nursery, _ReplayStream(stream, head.raw), config
             )
             ws = await request.accept()
         if handshake.cancelled_caught:  # wsproto refused the handshake (e.g. no key)

@@ -20,6 +20,7 @@ from ._codec import (
 )
 from ._config import PROBE_TIMEOUT_CAP
 from ._errors import ConnectionGone
+from ._limits import log_refusal, message_bucket, refuse_rate_limited
 from ._messages import (
     ClientMessage,
     ClientMessageType,
@@ -73,11 +74,14 @@ async def _binary(conn: Connection) -> None:
     conn.close(1003, "binary frames are not supported")
 
 
-def _close_text(exc: ConnectionClosed) -> str:
+def _close_text(exc: ConnectionClosed, conn: Connection | None = None) -> str:
     reason = exc.reason
     if reason is None:
         return "connection lost"
     if reason.code == 1009:
+        if conn is not None:  # LIM-1
+            size = conn.server.config.max_message_size
+            log_refusal(conn.label, "max-message-size", f"{size} bytes; close 1009")
         return "message too big"
     return f"peer closed ({reason.code}{' ' + reason.reason if reason.reason else ''})"
 
@@ -93,7 +97,7 @@ async def register(conn: Connection) -> ClientEntry | None:
         try:
             raw = await conn.ws.get_message()
         except ConnectionClosed as exc:
-            conn.close(None, _close_text(exc))
+            conn.close(None, _close_text(exc, conn))
             return None
     if deadline.cancelled_caught:
         await _reject(conn, "Registration timed out", "registration_timeout")
@@ -222,13 +226,17 @@ async def register(conn: Connection) -> ClientEntry | None:
 async def handle_frames(conn: Connection) -> None:
     """REGISTERED: take frames in arrival order until the connection ends (PROC-1)."""
     ws = conn.ws
+    bucket = message_bucket(conn.server.config)
     while True:
         try:
             raw = await ws.get_message()
         except ConnectionClosed as exc:
-            conn.close(None, _close_text(exc))
+            conn.close(None, _close_text(exc, conn))
             return
         conn.note_activity()
+        if bucket is not None and not bucket.take(trio.current_time()):
+            await refuse_rate_limited(conn)
+            return
         if type(raw) is bytes:
             await _binary(conn)
             return

@@ -45,6 +45,8 @@ class Server:
     api_key_bytes: bytes = attrs.field(init=False)
     allowed_origins: frozenset[str] = attrs.field(init=False)
     connections: set[Connection] = attrs.field(factory=set)
+    #: Accepted TCP connections being served, HTTP or WebSocket (`--max-connections`).
+    open_streams: int = 0
     shutting_down: bool = False
     #: After this trio time every bounded cleanup wait gives up (the shutdown grace deadline).
     hard_deadline: float = math.inf

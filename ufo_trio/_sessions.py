@@ -21,6 +21,7 @@ import trio
 from ._agents import Agent, AgentFactory, TaskFailed, UnsupportedPlatform
 from ._codec import encode_server_message, unstructure
 from ._errors import ConnectionGone
+from ._limits import log_refusal
 from ._messages import (
     ClientMessage,
     ClientType,
@@ -265,7 +266,8 @@ class SessionManager:
             await conn.send_error(
                 error, code, request_id=msg.request_id, session_id=requested_sid
             )
-            if fail_fast and is_constellation and requested_sid:  # TASK-9
+            # TASK-9, but never with the id of a live session: that would read as its end.
+            if fail_fast and is_constellation and requested_sid and requested_sid not in self.live:
                 try:
                     await conn.send(
                         ServerMessage(
@@ -326,6 +328,8 @@ class SessionManager:
                 )
             return
         if len(conn.requested) >= self.server.config.max_sessions_per_client:  # TASK-6
+            limit = self.server.config.max_sessions_per_client
+            log_refusal(conn.label, "max-sessions-per-client", f"{limit} live sessions")
             await reject("Too many running sessions for this client", "rate_limited")
             return
         try:  # TASK-7
