@@ -237,21 +237,24 @@ async def test_list_clients_against_a_fake_api(nursery: trio.Nursery) -> None:
 async def test_clients_command_against_the_server(
     nursery: trio.Nursery, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # Until the server's HTTP API exists the command must say so clearly; once it does, the
-    # registered device must be listed.
     server = await start_server(nursery)
     async with open_device(server.url, "dev-1", api_key=KEY):
         code = await trio.to_thread.run_sync(
             run_cli, ["clients", "--url", server.url, "--api-key", KEY]
         )
-    captured = capsys.readouterr()
-    if code == 0:
-        assert "dev-1" in captured.out
-    else:
+        assert code == 0
+        assert capsys.readouterr().out.splitlines() == ["dev-1"]
+        code = await trio.to_thread.run_sync(
+            run_cli, ["clients", "--url", server.url, "--api-key", KEY, "--json"]
+        )
+        assert code == 0
+        assert json.loads(capsys.readouterr().out) == ["dev-1"]
+        code = await trio.to_thread.run_sync(
+            run_cli, ["clients", "--url", server.url, "--api-key", "nope"]
+        )
         assert code == 1
-        assert captured.err == (
-            "ufo_trio clients: error: this server does not offer the HTTP API "
-            "(GET /api/clients answered 404); this command needs a server with the HTTP API\n"
+        assert capsys.readouterr().err == (
+            "ufo_trio clients: error: the HTTP API refused the request (401: Invalid API key)\n"
         )
 
 

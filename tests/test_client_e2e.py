@@ -8,6 +8,7 @@ thread would let the autojump clock race ahead while it runs. The one exception 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -201,6 +202,47 @@ async def test_several_tasks_in_flight_at_once(
     assert all(o.ok for o in outcomes)
     assert len({o.session_id for o in outcomes}) == 5
     assert sorted(o.task_name for o in outcomes) == [f"t{i}" for i in range(5)]
+
+
+async def http(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """One raw HTTP/1.1 request to the server's API (the SDK has no POST helper)."""
+    payload = json.dumps(body).encode() if body is not None else b""
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-API-Key: {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(head.encode() + payload)
+        response = b""
+        while chunk := await stream.receive_some(65536):
+            response += chunk
+    status_line, _, rest = response.partition(b"\r\n")
+    _, _, content = rest.partition(b"\r\n\r\n")
+    return int(status_line.split()[1]), json.loads(content)
+
+
+async def test_http_dispatch_reaches_the_sdk_device(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    # POST /api/dispatch pushes a TASK assignment; the SDK device answers with its own TASK
+    # (COMPAT-10), so the plan runs with the device as requester and executor.
+    server = await start_server(nursery)
+    plan = Plan.of(echo("dispatched"))
+    async with open_device(server.url, "dev-1", api_key=KEY) as device:
+        status, reply = await http(
+            server.port, "POST", "/api/dispatch",
+            {"client_id": "dev-1", "request": plan.to_json(), "task_name": "via-http"},
+        )
+        assert (status, reply["status"]) == (200, "dispatched")
+        while True:
+            status, result = await http(server.port, "GET", "/api/task_result/via-http")
+            if result["status"] != "pending":
+                break
+            await trio.sleep(0.01)
+        assert device.commands_answered == 1
+    assert result["status"] == "done"
+    assert result["result"][0]["results"][0]["result"] == "dispatched"
 
 
 # ------------------------------------------------------------------------------- refusals
