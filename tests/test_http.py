@@ -18,6 +18,7 @@ import trio.testing
 from wire_helpers import (
     FRAME_KEYS,
     WireClient,
+    close_leftovers,
     http_request,
     open_http,
     parse_responses,
@@ -29,6 +30,8 @@ from ufo_trio._http import host_allowed, is_loopback_host
 from ufo_trio.testing import TEST_KEY, open_memory_server, open_server
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from ufo_trio._server import Server
 
 ONE_STEP = json.dumps({"steps": [[{"tool_name": "probe", "tool_type": "action"}]]})
@@ -38,6 +41,12 @@ INVALID_TASK_NAME = (
     "and must not start with '.'"
 )
 WIRE7 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?\+00:00")
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    close_leftovers()
 
 
 def is_uuid4(value: Any) -> bool:
