@@ -712,3 +712,83 @@ async def _wrap(mem: Any, stream: Any) -> Any:
         mem._nursery, stream, "localhost", f"/ws?token={TEST_KEY}", message_queue_size=1
     )
     return RawClient(ws)
+
+
+# ------------------------------------------------------------------- limits beyond §8 (issue 5)
+
+
+async def test_limit_max_connections_refuses_with_503(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="ufo_trio")
+    async with open_server(max_connections=2) as server:
+        first, _ = await WireClient.registered(server.port, "dev-1")
+        second = await WireClient.open(server.port)  # handshaken, not yet registered
+        assert isinstance(second, WireClient)
+        refused = await WireClient.open(server.port)
+        assert isinstance(refused, Rejected)
+        assert refused.status == 503
+        assert json.loads(refused.body) == {"detail": "Too many connections"}
+        # Plain HTTP shares the cap.
+        response = await http_request(server.port, "GET", "/api/health")
+        assert (response.status, response.detail) == (503, "Too many connections")
+        assert response.headers["retry-after"] == "1"
+        assert server.open_streams == 2
+        await second.close()
+        with trio.fail_after(5):
+            while server.open_streams > 1:
+                await trio.sleep(0.005)
+        again, verdict = await WireClient.registered(server.port, "dev-2")
+        assert verdict["status"] == "ok"
+        await first.close()
+        with trio.fail_after(5):
+            while server.open_streams > 1:
+                await trio.sleep(0.005)
+        assert await online(server) == ["dev-2"]
+        await again.close()
+    refusals = [r for r in caplog.records if "limit max-connections" in r.getMessage()]
+    assert len(refusals) == 2
+    assert all("127.0.0.1:" in r.getMessage() and "(2)" in r.getMessage() for r in refusals)
+
+
+async def test_limit_message_rate_token_bucket(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ufo_trio")
+    heartbeat = {"type": "heartbeat", "status": "ok"}
+    async with open_memory_server(message_rate=10, message_burst=20, ping_interval=0) as mem:
+        client = await mem.connect()
+        assert (await client.register("dev-1"))["status"] == "ok"
+        t0 = trio.current_time()
+        for _ in range(20):  # the burst
+            await client.send(heartbeat)
+            assert (await client.recv())["type"] == "heartbeat"
+        await trio.sleep(1.0)  # 10 tokens back
+        for _ in range(10):
+            await client.send(heartbeat)
+            assert (await client.recv())["type"] == "heartbeat"
+        await client.send(heartbeat)  # one too many
+        frame = await client.recv()
+        assert (frame["type"], frame["code"], frame["error"]) == (
+            "error", "rate_limited", "Message rate limit exceeded",
+        )  # fmt: skip
+        reason = await client.closed()
+        assert (reason.code, reason.reason) == (1008, "rate_limited")
+        assert trio.current_time() - t0 == 1.0
+        await trio.testing.wait_all_tasks_blocked()
+        assert mem.server.registry.get("dev-1") is None
+        # A connection's bucket is its own: a newcomer starts full.
+        other = await mem.connect()
+        assert (await other.register("dev-2"))["status"] == "ok"
+        for _ in range(20):
+            await other.send(heartbeat)
+            assert (await other.recv())["type"] == "heartbeat"
+    refusals = [r.getMessage() for r in caplog.records if "limit message-rate" in r.getMessage()]
+    assert refusals == ["'dev-1' (device, memory): limit message-rate reached (10/s, burst 20)"]
+
+
+async def test_limit_message_rate_zero_is_off(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_memory_server(message_rate=0, ping_interval=0) as mem:
+        client = await mem.connect()
+        assert (await client.register("dev-1"))["status"] == "ok"
+        for _ in range(3000):
+            await client.send({"type": "heartbeat", "status": "ok"})
+            assert (await client.recv())["type"] == "heartbeat"

@@ -96,7 +96,7 @@ def api_headers(
 class HttpClient:
     """Requests on one kept-alive connection, framed and parsed by h11."""
 
-    def __init__(self, stream: trio.SocketStream, port: int) -> None:
+    def __init__(self, stream: trio.abc.Stream, port: int) -> None:
         self.stream = stream
         self.port = port
         self.conn = h11.Connection(h11.CLIENT)
@@ -111,13 +111,14 @@ class HttpClient:
         headers: list[tuple[bytes, bytes]] | None = None,
         body: bytes | None = None,
         json_body: Any = None,
+        within: float = WAIT,
     ) -> HttpResponse:
         if json_body is not None:
             body = json.dumps(json_body).encode()
         all_headers = [*api_headers(self.port, key=key, host=host), *(headers or [])]
         if self.conn.our_state is h11.DONE:
             self.conn.start_next_cycle()
-        with trio.fail_after(WAIT):
+        with trio.fail_after(within):
             await self.stream.send_all(_request_bytes(self.conn, method, path, all_headers, body))
             return await self._response()
 
@@ -272,10 +273,12 @@ class WireClient:
     that does not call it is a peer that has stopped reading.
     """
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.ws = WSConnection(ConnectionType.CLIENT)
-        _open_sockets.append(stream.socket)
+        self.socket = getattr(stream, "socket", None)  # None for in-memory streams
+        if self.socket is not None:
+            _open_sockets.append(self.socket)
         self.events: deque[Any] = deque()
         self._text: list[str] = []
         self._bytes: list[bytes] = []
@@ -294,12 +297,21 @@ class WireClient:
         if target is None:
             target = "/ws" if token is None else f"/ws?token={urllib.parse.quote(token)}"
         stream = await trio.open_tcp_stream("127.0.0.1", port)
+        return await cls.handshake(stream, f"127.0.0.1:{port}", target, headers)
+
+    @classmethod
+    async def handshake(
+        cls,
+        stream: trio.abc.Stream,
+        host: str = "localhost",
+        target: str = f"/ws?token={TEST_KEY}",
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> WireClient | Rejected:
+        """The opening handshake over an already connected stream (TCP or in-memory)."""
         client = cls(stream)
         try:
             with trio.fail_after(WAIT):
-                request = Request(
-                    host=f"127.0.0.1:{port}", target=target, extra_headers=headers or []
-                )
+                request = Request(host=host, target=target, extra_headers=headers or [])
                 await stream.send_all(client.ws.send(request))
                 event = await client._event()
                 if isinstance(event, AcceptConnection):
@@ -326,6 +338,13 @@ class WireClient:
     ) -> tuple[WireClient, dict[str, Any]]:
         client = await cls.open(port)
         assert isinstance(client, WireClient), client
+        return client, await client.register(client_id, client_type, **fields)
+
+    async def register(
+        self, client_id: str, client_type: str = "device", **fields: Any
+    ) -> dict[str, Any]:
+        """Send REGISTER and return the verdict frame."""
+        client = self
         await client.send(
             {
                 "type": "register",
@@ -337,7 +356,7 @@ class WireClient:
         )
         verdict = await client.recv()
         assert isinstance(verdict, dict), verdict
-        return client, verdict
+        return verdict
 
     async def _event(self) -> Any:
         while not self.events:
@@ -436,9 +455,33 @@ class WireClient:
 
     def reset(self) -> None:
         """Abort the TCP connection with RST (SO_LINGER 0), as a crashed or unplugged peer."""
-        sock = self.stream.socket
+        sock = self.socket
+        assert sock is not None, "only a TCP client can be reset"
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()
+
+
+async def memory_client(
+    server: Server, *, lockstep: bool = False, target: str = f"/ws?token={TEST_KEY}"
+) -> WireClient:
+    """A WireClient on an in-memory connection to a `MemoryServer`'s server.
+
+    With `lockstep`, the server's writes block until this client reads (no buffering at all),
+    so a client that stops calling `recv` stalls the server's writer at once.
+    """
+    pair = trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair
+    client_stream, server_stream = pair()
+    server.spawn_connection(server_stream)
+    client = await WireClient.handshake(client_stream, "localhost", target)
+    assert isinstance(client, WireClient), client
+    return client
+
+
+def memory_http(server: Server) -> HttpClient:
+    """An HttpClient on an in-memory connection (Host: 127.0.0.1:0)."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    server.spawn_connection(server_stream)
+    return HttpClient(client_stream, 0)
 
 
 async def sentinel(client: WireClient, n: int, client_type: str = "device") -> list[dict[str, Any]]:
