@@ -15,7 +15,12 @@ from typing import Any
 
 import pytest
 
-from bench._ws import (
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    # bench/ is not part of the installed package: make it importable however pytest started.
+    sys.path.insert(0, str(REPO))
+
+from bench._ws import (  # noqa: E402
     OP_CLOSE,
     OP_PING,
     OP_TEXT,
@@ -25,8 +30,6 @@ from bench._ws import (
     encode_text,
     handshake_request,
 )
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def run_smoke(tmp_path: Path, servers: str) -> dict[str, Any]:
