@@ -194,6 +194,9 @@ def server_command(kind: str, opts: Options, token: str) -> list[str]:
             "--port", "0",
             f"--api-key={token}",  # `=` form: a random token may start with "-"
             "--log-level", "WARNING",
+            # A closed loop on one connection outruns the default per-connection message rate
+            # (1,000/s); keep the check on the hot path, where it costs, but out of reach.
+            "--message-rate", "1000000", "--message-burst", "1000000",
             *opts.ufo_args,
         ]  # fmt: skip
     if opts.gc_threshold is None:
