@@ -183,7 +183,8 @@ def parse_responses(data: bytes, methods: list[str] | None = None) -> list[HttpR
     conn.receive_data(b"")
     index = 0
     while True:
-        method = (methods or [])[index] if methods and index < len(methods) else "GET"
+        head = bool(methods) and index < len(methods or []) and (methods or [])[index] == "HEAD"
+        method = "HEAD" if head else "GET"
         conn.send(h11.Request(method=method, target="/", headers=[(b"host", b"x")]))
         conn.send(h11.EndOfMessage())
         response: h11.Response | None = None
