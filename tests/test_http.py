@@ -20,6 +20,7 @@ from wire_helpers import (
     WireClient,
     close_leftovers,
     http_request,
+    memory_http,
     open_http,
     parse_responses,
     raw_http,
@@ -699,3 +700,17 @@ async def test_slow_body_and_idle_keep_alive_are_dropped_lim2(
         assert trio.current_time() - t0 == 30.0
         await trio.testing.wait_all_tasks_blocked()
         assert mem.server.open_streams == 0
+
+
+async def test_shutdown_ends_idle_keep_alive_connections_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """SHUT-2 without waiting out the grace period for HTTP connections that sit idle."""
+    async with open_memory_server(shutdown_grace=5.0) as mem:
+        client = memory_http(mem.server)
+        assert (await client.request("GET", "/api/health")).status == 200
+        t0 = trio.current_time()
+        mem.server.request_shutdown()
+        await mem.server.wait_stopped()
+        assert trio.current_time() == t0
+        assert await client.server_closed()

@@ -160,6 +160,17 @@ class HttpApi:
     def __init__(self, server: Server) -> None:
         self.server = server
         self.check_host = is_loopback_host(server.config.host)
+        #: Scopes of kept-alive connections waiting for their next request (`close_idle`).
+        self._idle: set[trio.CancelScope] = set()
+
+    def close_idle(self) -> None:
+        """Shutdown: end every kept-alive connection that is waiting for its next request.
+
+        Connections in the middle of a request finish it, answer with `Connection: close` and
+        end; without this, an idle one would hold the shutdown for the whole grace period.
+        """
+        for scope in self._idle:
+            scope.cancel()
 
     async def handle(self, stream: trio.abc.Stream, head: RequestHead, remote: str) -> None:
         """Answer `head` and every further request on the connection (keep-alive)."""
@@ -175,7 +186,8 @@ class HttpApi:
             unsent_body = conn.they_are_waiting_for_100_continue
             if not await self._send(stream, conn, reply, head.method):
                 return
-            if reply.close or unsent_body or not await self._next_cycle(stream, conn):
+            stop = reply.close or unsent_body or self.server.shutting_down
+            if stop or not await self._next_cycle(stream, conn):
                 if self._unread_input(conn):
                     await linger(stream)
                 return
@@ -412,9 +424,23 @@ class HttpApi:
         self, stream: trio.abc.Stream, conn: h11.Connection, remote: str
     ) -> RequestHead | int | None:
         """The next request on a kept-alive connection (LIM-2 and LIM-3 as for the first)."""
+        if self.server.shutting_down:
+            return None
+        available = len(conn.trailing_data[0])  # pipelined bytes already buffered
+        idle = trio.CancelScope()
+        self._idle.add(idle)
+        try:
+            with idle:
+                return await self._read_next_head(stream, conn, remote, available)
+        finally:
+            self._idle.discard(idle)
+        return None  # cancelled by `close_idle`: the server is shutting down
+
+    async def _read_next_head(
+        self, stream: trio.abc.Stream, conn: h11.Connection, remote: str, available: int
+    ) -> RequestHead | int | None:
         config = self.server.config
         limit = config.max_header_size
-        available = len(conn.trailing_data[0])  # pipelined bytes already buffered
         with trio.move_on_after(config.registration_timeout):
             while True:
                 try:
@@ -459,7 +485,7 @@ class HttpApi:
             (b"x-content-type-options", b"nosniff"),
             *reply.headers,
         ]
-        if reply.close:
+        if reply.close or self.server.shutting_down:
             headers.append((b"connection", b"close"))
         try:
             data = (

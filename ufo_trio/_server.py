@@ -117,6 +117,7 @@ class Server:
     async def _graceful_stop(self, accept_scope: trio.CancelScope, nursery: trio.Nursery) -> None:
         accept_scope.cancel()  # SHUT-1: stop accepting
         self.shutting_down = True
+        self.http.close_idle()  # kept-alive HTTP connections waiting for a request
         grace = self.config.shutdown_grace
         self.hard_deadline = trio.current_time() + grace
         nursery.cancel_scope.deadline = self.hard_deadline
