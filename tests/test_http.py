@@ -675,8 +675,9 @@ async def _memory_http(mem: Any) -> trio.testing.MemoryReceiveStream | Any:
 
 
 async def test_slow_body_and_idle_keep_alive_are_dropped_lim2(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="ufo_trio")
     async with open_memory_server(registration_timeout=30.0) as mem:
         # A body that never completes: closed without an answer after the deadline.
         client = await _memory_http(mem)
@@ -700,6 +701,9 @@ async def test_slow_body_and_idle_keep_alive_are_dropped_lim2(
         assert trio.current_time() - t0 == 30.0
         await trio.testing.wait_all_tasks_blocked()
         assert mem.server.open_streams == 0
+    # The slow body is a refusal and logged once; an idle keep-alive ending is not.
+    lines = [r.getMessage() for r in caplog.records if " limit " in r.getMessage()]
+    assert lines == ["memory: limit registration-timeout reached (30s for the body)"]
 
 
 async def test_shutdown_ends_idle_keep_alive_connections_at_once(

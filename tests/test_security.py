@@ -27,6 +27,7 @@ from wire_helpers import (
     assert_server_frame,
     close_leftovers,
     http_request,
+    raw_http,
     sentinel,
 )
 
@@ -666,9 +667,7 @@ async def test_sec_17b_peer_that_does_not_read_is_dropped(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """PROC-4: a peer that stops reading is closed after SEND_TIMEOUT; others are unaffected."""
-    async with open_memory_server(
-        send_timeout=30.0, outbound_queue_size=2, ping_interval=0, message_rate=0
-    ) as mem:
+    async with open_memory_server(send_timeout=30.0, ping_interval=0, message_rate=0) as mem:
         client_stream, server_stream = trio.testing.lockstep_stream_pair()
         mem.server.spawn_connection(server_stream)
         stalled = await _wrap(mem, client_stream)
@@ -792,3 +791,31 @@ async def test_limit_message_rate_zero_is_off(autojump_clock: trio.testing.MockC
         for _ in range(3000):
             await client.send({"type": "heartbeat", "status": "ok"})
             assert (await client.recv())["type"] == "heartbeat"
+
+
+async def test_each_limit_refusal_is_logged_once_with_client_and_limit(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="ufo_trio")
+    async with open_server(max_message_size=1024, max_sessions_per_client=1) as server:
+        port = server.port
+        head = b"GET /api/clients HTTP/1.1\r\nHost: localhost\r\nX-Pad: " + b"a" * 20000
+        await raw_http(port, head + b"\r\n\r\n")  # 431
+        await http_request(port, "POST", "/api/dispatch", body=b" " * (1024 * 1024 + 1))  # 413
+        big = await join(server, "big-1")
+        await big.send("x" * 2000)  # 1009
+        await big.wait_closed()
+        busy = await join(server, "busy-1")
+        for n in range(2):  # the second is over max-sessions-per-client
+            await busy.send(task("busy-1", session_id=f"b-{n}"))
+        await sentinel(busy, next(_sentinels))
+        await busy.close()
+    lines = [r.getMessage() for r in caplog.records if " limit " in r.getMessage()]
+    assert len(lines) == 4, lines
+    assert lines[0].startswith("127.0.0.1:")
+    assert "limit max-header-size reached (16384 bytes; 431)" in lines[0]
+    assert "limit max-body-size reached (1048576 bytes; 413)" in lines[1]
+    assert lines[2].startswith("'big-1' (device, 127.0.0.1:")
+    assert lines[2].endswith("limit max-message-size reached (1024 bytes; close 1009)")
+    assert lines[3].startswith("'busy-1' (device, 127.0.0.1:")
+    assert lines[3].endswith("limit max-sessions-per-client reached (1 live sessions)")

@@ -204,12 +204,12 @@ class HttpApi:
 
     async def _answer(self, stream: trio.abc.Stream, head: RequestHead, remote: str) -> Reply:
         path = head.path
-        if path == "/ws":  # EP-1: a plain request to the WebSocket path
-            return _error(426, UPGRADE_REQUIRED)
         if head.is_websocket_upgrade:
             # Only the first request of a connection can become a WebSocket (the endpoint
             # routes it); a later one on a kept-alive connection cannot be handed over.
             return _status_error(400)
+        if path == "/ws":  # EP-1: a plain request to the WebSocket path
+            return _error(426, UPGRADE_REQUIRED)
         if self.check_host and not host_allowed(head.headers.get("host", [])):  # AUTH-5
             return _error(403, INVALID_HOST)
         route = match_route(path)
