@@ -319,7 +319,6 @@ class Figure:
     label: str
     get: Callable[[dict[str, Any]], float | None]
     fmt: str = "{:.1f}"
-    lower_is_better: bool = True
     #: (max ratio ufo/limit, text) or None: checked against the ratio column.
     ratio_target: tuple[float, str] | None = None
     #: (max absolute ufo value, text) or None.
@@ -352,7 +351,6 @@ FIGURES: list[Figure] = [
         label="round trips / s",
         get=_path("rt_per_s"),
         fmt="{:,.0f}",
-        lower_is_better=False,
     ),
     Figure(kind="heartbeat", label="RTT p50 ms", get=_path("rtt", "p50_ms"), fmt="{:.2f}"),
     Figure(kind="heartbeat", label="RTT p99 ms", get=_path("rtt", "p99_ms"), fmt="{:.2f}"),
@@ -362,7 +360,6 @@ FIGURES: list[Figure] = [
         get=_path("server_util"),
         fmt="{:.0%}",
         ratio=False,
-        lower_is_better=False,
     ),
     Figure(
         kind="heartbeat",
@@ -405,7 +402,6 @@ FIGURES: list[Figure] = [
         label="registrations / s (connect + first reply)",
         get=_path("reg_per_s"),
         fmt="{:,.0f}",
-        lower_is_better=False,
     ),
     Figure(
         kind="storm",
@@ -445,7 +441,6 @@ FIGURES: list[Figure] = [
         label="result MiB/s (device → server → both TASK_ENDs)",
         get=_path("mib_per_s"),
         fmt="{:.0f}",
-        lower_is_better=False,
     ),
     Figure(
         kind="bigresult",
