@@ -198,10 +198,11 @@ async def test_half_open_device_is_detected_by_pings(
 async def test_stalled_device_is_closed_4003_and_dispatch_gets_500(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """PROC-4: frames for a device that stopped reading pile up in its queue; once one has
-    waited SEND_TIMEOUT the device is closed (4003) and the HTTP caller learns it (500)."""
+    """PROC-4: writes to a device that stopped reading wait on its send lock; once one has
+    waited SEND_TIMEOUT the device is closed (4003) and every HTTP caller learns it (500): no
+    caller is told 200 for a frame that never left the server."""
     caplog.set_level(logging.INFO, logger="ufo_trio")
-    async with open_memory_server(send_timeout=30.0, outbound_queue_size=2, ping_interval=0) as mem:
+    async with open_memory_server(send_timeout=30.0, ping_interval=0) as mem:
         server = mem.server
         device = await memory_client(server, lockstep=True)
         assert (await device.register("dev-1"))["status"] == "ok"
@@ -221,14 +222,14 @@ async def test_stalled_device_is_closed_4003_and_dispatch_gets_500(
             statuses.append((trio.current_time() - t0, response.status))
 
         async with trio.open_nursery() as nursery:
-            for n in range(4):  # 1 being written, 2 queued, 1 waiting for room
+            for n in range(4):  # 1 being written, 3 waiting for the send lock
                 nursery.start_soon(dispatch, n)
             await trio.sleep(1)
             # Everyone else is served meanwhile.
             health = await memory_http(server).request("GET", "/api/health")
             assert health.json() == {"status": "healthy", "online_clients": ["dev-1"]}
             assert trio.current_time() - t0 == 1.0
-        assert sorted(statuses) == [(0.0, 200), (0.0, 200), (0.0, 200), (30.0, 500)]
+        assert sorted(statuses) == [(30.0, 500)] * 4
         assert entry.connection.close_code == 4003
         assert server.registry.get("dev-1") is None
     assert any("disconnected: send timeout" in r.getMessage() for r in caplog.records)

@@ -65,13 +65,15 @@ async def test_duplicate_probe_alive_peer_keeps_id_dup4(
         t0 = trio.current_time()
         verdict = await new.register("dev-1", "constellation")
         assert trio.current_time() == t0  # a pong comes back with no virtual delay
-        assert verdict["type"] == "error" and verdict["code"] == "duplicate_client_id"
+        assert verdict["type"] == "error"
+        assert verdict["code"] == "duplicate_client_id"
         assert verdict["error"] == (
             "client_id 'dev-1' is already registered; duplicate registrations are not allowed"
         )
         assert (await new.closed()).code == 1008
         entry = mem.server.registry.get("dev-1")
-        assert entry is not None and entry.role.value == "device"
+        assert entry is not None
+        assert entry.role.value == "device"
         await old.send({"type": "heartbeat", "status": "ok", "client_id": "dev-1"})
         assert (await old.recv())["status"] == "ok"
 
@@ -91,11 +93,13 @@ async def test_duplicate_probe_silent_peer_is_taken_over_dup4(
         t0 = trio.current_time()
         verdict = await new.register("dev-1")
         assert trio.current_time() - t0 == 5.0
-        assert verdict["type"] == "heartbeat" and verdict["status"] == "ok"
+        assert verdict["type"] == "heartbeat"
+        assert verdict["status"] == "ok"
         assert old_conn.connection.finished.is_set()
         assert old_conn.connection.close_code == 4001
         entry = mem.server.registry.get("dev-1")
-        assert entry is not None and entry.connection is not old_conn.connection
+        assert entry is not None
+        assert entry.connection is not old_conn.connection
 
 
 async def test_connection_tasks_back_to_baseline(autojump_clock: trio.testing.MockClock) -> None:

@@ -13,9 +13,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 #: LIM-5: inbound frames queued per connection before the reader pauses.
 INBOUND_QUEUE_SIZE = 32
-#: Outbound frames queued per connection before a sender has to wait (PROC-4).
-OUTBOUND_QUEUE_SIZE = 64
-#: LIM-6: writing or queuing one outbound frame.
+#: LIM-6: writing one outbound frame.
 SEND_TIMEOUT = 30.0
 #: LIM-3: HTTP request head.
 MAX_HEADER_SIZE = 16 * 1024
@@ -90,7 +88,6 @@ class ServerConfig:
     # Limits that are not CLI flags in the spec but that tests and embedders may tune.
     send_timeout: float = attrs.field(default=SEND_TIMEOUT, validator=_positive)
     inbound_queue_size: int = attrs.field(default=INBOUND_QUEUE_SIZE, validator=_positive)
-    outbound_queue_size: int = attrs.field(default=OUTBOUND_QUEUE_SIZE, validator=_positive)
     max_sessions_per_client: int = attrs.field(
         default=MAX_SESSIONS_PER_CLIENT, validator=_positive
     )

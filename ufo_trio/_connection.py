@@ -1,12 +1,14 @@
-"""One WebSocket connection: its supervisor nursery, single writer, liveness and teardown.
+"""One WebSocket connection: its supervisor nursery, send lock, liveness and teardown.
 
 Task layout (all children of the connection's nursery, nothing anywhere else):
 
 * trio-websocket's reader task: bytes → frames into a bounded queue (LIM-5);
 * the handler (the task that runs `Connection.run`): takes frames strictly in order (PROC-1);
-* the writer: the only task that writes frames (PROC-2), fed by a bounded channel;
 * the pinger (LIVE-1/2) and, if enabled, the heartbeat watchdog (LIVE-3);
 * sessions whose executor is this connection (§4): cancelled when it goes away (DC-2).
+
+Frames are written by whichever task sends them, one at a time under the connection's single
+send lock (PROC-2: "one writer or one send lock"), shielded and bounded by SEND_TIMEOUT.
 """
 
 from __future__ import annotations
@@ -62,18 +64,9 @@ class Connection:
     close_code: int | None = None
     close_reason: str = ""
     _main_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
-    _writer_started: bool = False
-    _writer_done: trio.Event = attrs.field(factory=trio.Event)
     _activity_waiters: list[trio.Event] = attrs.field(factory=list)
     _heartbeat_scope: trio.CancelScope | None = None
     _abort: bool = False
-    _out_send: trio.MemorySendChannel[str] = attrs.field(init=False)
-    _out_recv: trio.MemoryReceiveChannel[str] = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self._out_send, self._out_recv = trio.open_memory_channel[str](
-            self.server.config.outbound_queue_size
-        )
 
     # ------------------------------------------------------------------ identity / logging
 
@@ -94,10 +87,11 @@ class Connection:
     # ------------------------------------------------------------------ sending
 
     async def send(self, msg: ServerMessage) -> None:
-        """Queue one frame for the writer (PROC-2/3/4).
+        """Write one frame to the peer (PROC-2/3/4).
 
-        Raises `ConnectionGone` at once if the connection is closing or closed. If the queue
-        stays full for SEND_TIMEOUT, the peer is closed with 4003 and `ConnectionGone` raised.
+        Raises `ConnectionGone` at once if the connection is not REGISTERED (closing or closed).
+        A frame that cannot be written within SEND_TIMEOUT closes the peer (4003) and raises
+        `ConnectionGone`.
         """
         await self.send_text(encode_server_message(msg))
 
@@ -105,37 +99,33 @@ class Connection:
         """`send` for a frame that is already encoded (e.g. one TASK_END for two recipients)."""
         if self.state is not State.REGISTERED:
             raise ConnectionGone(self.label)
-        try:
-            self._out_send.send_nowait(text)
-            return
-        except trio.WouldBlock:
-            pass
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise ConnectionGone(self.label) from None
-        with trio.move_on_after(self.server.config.send_timeout) as scope:
-            try:
-                await self._out_send.send(text)
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                raise ConnectionGone(self.label) from None
-        if scope.cancelled_caught:
-            self.close(4003, "send timeout", abort=True)
-            raise ConnectionGone(self.label)
+        await self._write(text)
 
-    async def send_direct(self, msg: ServerMessage) -> None:
-        """Write a frame before the writer exists (registration verdicts, REG-7).
-
-        Raises `ConnectionGone` if it could not be written within SEND_TIMEOUT.
-        """
-        assert not self._writer_started
-        with trio.move_on_after(self.server.config.send_timeout) as scope:
+    async def _write(self, text: str) -> None:
+        # The connection's single send lock (PROC-2) is trio-websocket's stream lock, held for a
+        # whole frame, so frames never interleave and each sender's frames go out in order. The
+        # write is shielded: cancelling a sender (a session, a handler) must never cut a frame in
+        # half. SEND_TIMEOUT (or the shutdown deadline) bounds it instead.
+        server = self.server
+        deadline = min(trio.current_time() + server.config.send_timeout, server.hard_deadline)
+        with trio.CancelScope(shield=True, deadline=deadline):
             try:
-                await self.ws.send_message(encode_server_message(msg))
+                await self.ws.send_message(text)
                 return
             except ConnectionClosed:
-                pass
-        if scope.cancelled_caught:
-            self._abort = True
+                self.close(None, "connection lost")
+                raise ConnectionGone(self.label) from None
+        self.close(4003, "send timeout", abort=True)  # PROC-4: the frame may be half written
         raise ConnectionGone(self.label)
+
+    async def send_direct(self, msg: ServerMessage) -> None:
+        """Write a registration verdict (REG-7): the connection is not REGISTERED yet.
+
+        Raises `ConnectionGone` if it could not be written.
+        """
+        if self.state is not State.AWAIT_REGISTER:
+            raise ConnectionGone(self.label)
+        await self._write(encode_server_message(msg))
 
     async def send_error(
         self,
@@ -154,28 +144,11 @@ class Connection:
             response_id=request_id or new_id(),
             extra={"code": code},
         )
-        try:
-            if self._writer_started:
-                await self.send(msg)
-            else:
-                await self.send_direct(msg)
-        except ConnectionGone:
-            pass
-
-    async def _writer(self) -> None:
-        """The only task that writes data frames once the connection is registered (PROC-2)."""
-        timeout = self.server.config.send_timeout
-        try:
-            async for text in self._out_recv:
-                with trio.move_on_after(timeout) as scope:
-                    await self.ws.send_message(text)
-                if scope.cancelled_caught:
-                    self.close(4003, "send timeout", abort=True)
-                    return
-        except ConnectionClosed:
-            self.close(None, "connection lost")
-        finally:
-            self._writer_done.set()
+        if self.state is State.REGISTERED or self.state is State.AWAIT_REGISTER:
+            try:
+                await self._write(encode_server_message(msg))
+            except ConnectionGone:
+                pass
 
     # ------------------------------------------------------------------ closing
 
@@ -260,8 +233,6 @@ class Connection:
                     return
                 self.entry = entry
                 self.state = State.REGISTERED
-                self._writer_started = True
-                self.nursery.start_soon(self._writer)
                 if self.server.config.ping_interval > 0:
                     self.nursery.start_soon(self._pinger)
                 if self.server.config.heartbeat_timeout > 0:
@@ -280,17 +251,8 @@ class Connection:
             if registered:
                 with server.bounded(config.send_timeout * 2):
                     await server.sessions.connection_closing(self)
-            # Let the writer flush what is queued (e.g. TASK_END before a 1001, ERROR before
-            # 1003) unless the peer is gone or too slow to read.
-            self._out_send.close()
-            if (
-                self._writer_started
-                and not self._abort
-                and self.close_code is not None
-                and self.close_code not in _DEAD_PEER_CODES
-            ):
-                with server.bounded(config.send_timeout):
-                    await self._writer_done.wait()
+            # Frames are written before `send` returns, so whatever a handler or session sent
+            # (ERROR before 1003, TASK_ENDs before 1001) is already out.
             if registered and self.entry is not None:
                 server.registry.remove(self.entry)  # DC-4: only our own epoch
                 log.info(
@@ -308,6 +270,9 @@ class Connection:
                 await trio.aclose_forcefully(self.stream)
             self.nursery.cancel_scope.cancel()
             self.state = State.CLOSED
+            # Break the Connection ↔ ClientEntry cycle so the connection is freed by reference
+            # counting at once instead of waiting for the cyclic garbage collector.
+            self.entry = None
 
 
 #: Closes after which nobody waits for the peer: it missed pings, heartbeats or was replaced.

@@ -243,6 +243,10 @@ async def handle_frames(conn: Connection) -> None:
         assert isinstance(raw, str)
         try:
             await dispatch(conn, raw)
+        except ConnectionGone:
+            if not conn.is_open:
+                return  # this very connection is closing (e.g. PROC-4); teardown takes over
+            log.debug("%s: a frame could not be delivered to another connection", conn.label)
         except Exception:
             # DISP-3: the connection stays open and no exception text leaves the server.
             log.exception("%s: internal error while handling a frame", conn.label)
