@@ -7,6 +7,7 @@ a flag on the command line wins over the environment. User errors print one line
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -192,6 +193,9 @@ async def _serve_until_signalled(config: ServerConfig) -> int:
                 print(f"{PROG}: error: {exc}", file=sys.stderr)
                 return 2
             print(_startup_line(server), flush=True)
+            # Everything imported so far lives as long as the process: keep it out of every
+            # future garbage collection pass (they otherwise rescan it on each full collection).
+            gc.freeze()
 
             async def watch_signals() -> None:
                 async for signum in signals:

@@ -226,7 +226,9 @@ async def handle_stream(server: Server, stream: trio.abc.Stream) -> None:
             extra = [(b"sec-websocket-version", b"13")] if problem == 426 else None
             await send_simple_response(stream, problem, _detail(problem), extra)
             return
-        await _serve_websocket(server, stream, head, remote)
+        raw = head.raw
+        head = None  # the parsed head (h11 state, headers) need not live as long as the socket
+        await _serve_websocket(server, stream, raw, remote)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     except Exception:
@@ -248,13 +250,13 @@ def _detail(status: int) -> bytes:
 
 
 async def _serve_websocket(
-    server: Server, stream: trio.abc.Stream, head: RequestHead, remote: str
+    server: Server, stream: trio.abc.Stream, raw: bytes, remote: str
 ) -> None:
     config = server.config
     async with trio.open_nursery() as nursery:
         with trio.move_on_after(config.registration_timeout) as handshake:
             request = await open_server_websocket(
-                nursery, _ReplayStream(stream, head.raw), config
+                nursery, _ReplayStream(stream, raw), config
             )
             ws = await request.accept()
         if handshake.cancelled_caught:  # wsproto refused the handshake (e.g. no key)
