@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
+from hypothesis import settings
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -21,6 +23,15 @@ from wsproto.events import (
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
     from contextlib import AbstractAsyncContextManager
+
+# --- Hypothesis: repeatable by default --------------------------------------------------------
+#
+# CI must not fail on an example nobody has seen before, so every run draws the same examples
+# and keeps no database. `HYPOTHESIS_PROFILE=explore` searches with fresh randomness instead.
+settings.register_profile("repeatable", derandomize=True, database=None)
+settings.register_profile("explore", max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
+
 
 # --- wsproto_peer: a WebSocket client built on wsproto over a plain trio TCP stream -------------
 #

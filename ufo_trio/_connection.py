@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed
 
 from ._codec import encode_server_message
 from ._config import CLOSE_TIMEOUT
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from ._registry import ClientEntry
     from ._server import Server
     from ._sessions import Session
+    from ._websocket import ServerWebSocket
 
 log = logging.getLogger("ufo_trio")
 
@@ -49,7 +50,7 @@ class Connection:
     """A WebSocket peer. Other tasks talk to it only through `send`, `probe` and `close`."""
 
     server: Server
-    ws: WebSocketConnection
+    ws: ServerWebSocket
     stream: trio.abc.Stream
     nursery: trio.Nursery
     remote: str
@@ -104,17 +105,16 @@ class Connection:
     async def _write(self, text: str) -> None:
         # The connection's single send lock (PROC-2) is trio-websocket's stream lock, held for a
         # whole frame, so frames never interleave and each sender's frames go out in order. The
-        # write is shielded: cancelling a sender (a session, a handler) must never cut a frame in
-        # half. SEND_TIMEOUT (or the shutdown deadline) bounds it instead.
+        # write cannot be cut in half by cancelling the sender; SEND_TIMEOUT (or the shutdown
+        # deadline) bounds it instead (see ServerWebSocket.send_frame).
         server = self.server
         deadline = min(trio.current_time() + server.config.send_timeout, server.hard_deadline)
-        with trio.CancelScope(shield=True, deadline=deadline):
-            try:
-                await self.ws.send_message(text)
+        try:
+            if await self.ws.send_frame(text, deadline):
                 return
-            except ConnectionClosed:
-                self.close(None, "connection lost")
-                raise ConnectionGone(self.label) from None
+        except ConnectionClosed:
+            self.close(None, "connection lost")
+            raise ConnectionGone(self.label) from None
         self.close(4003, "send timeout", abort=True)  # PROC-4: the frame may be half written
         raise ConnectionGone(self.label)
 
@@ -279,7 +279,7 @@ class Connection:
 _DEAD_PEER_CODES = frozenset({1011, 4001, 4002, 4003})
 
 
-def _describe_close(ws: WebSocketConnection) -> str:
+def _describe_close(ws: ServerWebSocket) -> str:
     closed = ws.closed
     if closed is None:
         return "closed"

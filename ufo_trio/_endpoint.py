@@ -23,7 +23,7 @@ import trio
 from ._config import MAX_HEADER_SIZE
 from ._connection import Connection
 from ._limits import log_refusal, refuse_connection
-from ._websocket import open_server_websocket
+from ._websocket import ServerWebSocket, open_server_websocket
 
 if TYPE_CHECKING:
     from ._server import Server
@@ -254,12 +254,15 @@ async def _serve_websocket(
 ) -> None:
     config = server.config
     async with trio.open_nursery() as nursery:
-        with trio.move_on_after(config.registration_timeout) as handshake:
+        ws: ServerWebSocket | None = None
+        with trio.move_on_after(config.registration_timeout):
             request = await open_server_websocket(
-                nursery, _ReplayStream(stream, raw), config
+                nursery, _ReplayStream(stream, raw), config, socket_stream=stream
             )
-            ws = await request.accept()
-        if handshake.cancelled_caught:  # wsproto refused the handshake (e.g. no key)
+            accepted = await request.accept()
+            assert isinstance(accepted, ServerWebSocket)
+            ws = accepted
+        if ws is None:  # wsproto refused the handshake (e.g. no key)
             nursery.cancel_scope.cancel()
             return
         conn = Connection(server=server, ws=ws, stream=stream, nursery=nursery, remote=remote)

@@ -154,6 +154,16 @@ class _PeerGone(Exception):
     """The peer closed, or was too slow, while we were reading its request."""
 
 
+def _pending_method(conn: h11.Connection) -> str:
+    """The method of a request h11 parsed but we refused (e.g. a head over LIM-3), or "".
+
+    A refusal of a HEAD request must carry no body, or h11 refuses to frame it. h11 keeps the
+    method only privately; without it we answer as for any other method.
+    """
+    method = getattr(conn, "_request_method", None)
+    return method.decode("latin-1") if isinstance(method, bytes) else ""
+
+
 class HttpApi:
     """Serves the plain-HTTP requests of one TCP connection after the endpoint read the first."""
 
@@ -195,7 +205,7 @@ class HttpApi:
             if next_head is None:
                 return
             if isinstance(next_head, int):
-                await self._send(stream, conn, _status_error(next_head), "")
+                await self._send(stream, conn, _status_error(next_head), _pending_method(conn))
                 await linger(stream)
                 return
             head = next_head
