@@ -87,7 +87,10 @@ async def connect(
     """Open a raw client to a real server URL (`token` appended as the query parameter)."""
     if token is not None:
         url = f"{url}?token={urllib.parse.quote(token)}"
-    async with trio_websocket.open_websocket_url(url, extra_headers=headers) as ws:
+    # Like the real clients, accept frames up to 100 MiB (COMPAT-13).
+    async with trio_websocket.open_websocket_url(
+        url, extra_headers=headers, max_message_size=100 * 1024 * 1024
+    ) as ws:
         try:
             yield RawClient(ws)
         finally:
