@@ -55,7 +55,8 @@ def check_common(results: dict[str, Any], server: str) -> None:
     hb = results["heartbeat-10"][server][0]
     assert hb["errors"] == 0
     assert hb["round_trips"] > 0
-    assert hb["server_cpu_us_per_rt"] > 0
+    # CPU time comes in 10 ms clock ticks, so a tiny run may honestly measure 0.
+    assert hb["server_cpu_us_per_rt"] >= 0
     storm = results["storm-20"][server][0]
     assert storm["registered"] == 20
     for per_server in results.values():
@@ -71,10 +72,6 @@ def test_smoke_against_limit_server(tmp_path: Path) -> None:
     assert "| heartbeat ×10 | server CPU µs / round trip |" in record["table"]
 
 
-@pytest.mark.skipif(
-    not (REPO / "ufo_trio" / "__main__.py").exists(),
-    reason="`python -m ufo_trio` does not exist yet (no ufo_trio/__main__.py)",
-)
 def test_smoke_against_ufo_trio(tmp_path: Path) -> None:
     record = run_smoke(tmp_path, "limit,ufo_trio")
     results = record["results"]
