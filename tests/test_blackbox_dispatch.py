@@ -7,63 +7,26 @@ Written from PROTOCOL.md §1, §3.3, §3.4, §5 and §8, not from the server cod
 from __future__ import annotations
 
 import json
-import re
-import uuid
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
 import trio.testing
+from blackbox_helpers import KEYS, WAIT, check_frame, is_uuid4
 
-from ufo_trio import testing as ufo_testing
-from ufo_trio.testing import RawClient, open_server
+from ufo_trio.testing import RawClient, connect, open_server
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from ufo_trio._server import Server
 
-WAIT = 10.0
-KEYS = (
-    "type", "status", "user_request", "agent_name", "process_name", "root_name", "actions",
-    "messages", "error", "session_id", "task_name", "timestamp", "response_id", "result",
-)  # fmt: skip
-TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?\+00:00")
 SECRET = "SECRET-VALUE"
 ID1 = "client_id does not match the registered connection"
 ID2 = "client_type does not match the registered connection"
 DI1 = "DEVICE_INFO_REQUEST is permitted only for constellation clients"
 DI2 = "Not authorized to request device info for this device"
-
-
-@asynccontextmanager
-async def connect(url: str) -> AsyncIterator[RawClient]:
-    """`ufo_trio.testing.connect`, and the TCP stream is closed at the end (trio-websocket's
-    client leaves it open when the server closes first; `filterwarnings=error` would object)."""
-    async with ufo_testing.connect(url) as client:
-        try:
-            yield client
-        finally:
-            with trio.move_on_after(WAIT, shield=True):
-                await client.ws.aclose()
-                await trio.aclose_forcefully(client.ws._stream)
-
-
-def is_uuid4(value: object) -> bool:
-    if not isinstance(value, str):
-        return False
-    try:
-        parsed = uuid.UUID(value)
-    except ValueError:
-        return False
-    return parsed.version == 4 and str(parsed) == value
-
-
-def check_frame(frame: dict[str, Any], extra: tuple[str, ...] = ()) -> None:
-    """WIRE-3 / WIRE-7."""
-    assert tuple(frame) == (*KEYS, *extra)
-    assert TIMESTAMP.fullmatch(frame["timestamp"]), frame["timestamp"]
 
 
 def check_error(

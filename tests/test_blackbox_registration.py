@@ -9,68 +9,24 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
-import re
-import uuid
-from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
 import trio.testing
+from blackbox_helpers import KEYS, WAIT, check_frame, is_uuid4
 
-from ufo_trio import testing as ufo_testing
-from ufo_trio.testing import RawClient, open_memory_server, open_server
+from ufo_trio.testing import RawClient, connect, open_memory_server, open_server
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import Callable
     from contextlib import AbstractAsyncContextManager
 
     from conftest import WsprotoPeer
 
     from ufo_trio._server import Server
 
-#: Bound on every real-socket wait: a hang fails the test instead of the run.
-WAIT = 10.0
-
-KEYS = (
-    "type", "status", "user_request", "agent_name", "process_name", "root_name", "actions",
-    "messages", "error", "session_id", "task_name", "timestamp", "response_id", "result",
-)  # fmt: skip
-TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?\+00:00")
 NOT_REGISTERED = "Connection is not registered; the first message must be a register message"
-
-
-@asynccontextmanager
-async def connect(url: str, **kwargs: Any) -> AsyncIterator[RawClient]:
-    """`ufo_trio.testing.connect`, and the TCP stream is closed at the end.
-
-    trio-websocket's client never closes its socket when the server closes first (its reader
-    stops at EOF and `aclose()` returns early), which `filterwarnings=error` turns into a failure.
-    """
-    async with ufo_testing.connect(url, **kwargs) as client:
-        try:
-            yield client
-        finally:
-            with trio.move_on_after(WAIT, shield=True):
-                await client.ws.aclose()
-                await trio.aclose_forcefully(client.ws._stream)
-
-
-def is_uuid4(value: object) -> bool:
-    if not isinstance(value, str):
-        return False
-    try:
-        parsed = uuid.UUID(value)
-    except ValueError:
-        return False
-    return parsed.version == 4 and str(parsed) == value
-
-
-def check_frame(frame: dict[str, Any], extra: tuple[str, ...] = ()) -> None:
-    """WIRE-3 / WIRE-7: the 14 keys in order, then exactly `extra`; a UTC isoformat timestamp."""
-    assert tuple(frame) == (*KEYS, *extra)
-    assert TIMESTAMP.fullmatch(frame["timestamp"]), frame["timestamp"]
-    assert frame["messages"] is None
 
 
 def check_confirmation(frame: dict[str, Any]) -> None:

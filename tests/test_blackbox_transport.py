@@ -10,43 +10,26 @@ from __future__ import annotations
 
 import json
 import urllib.parse
-from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import h11
 import pytest
 import trio
 import trio.testing
+from blackbox_helpers import WAIT
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
 from wsproto.extensions import PerMessageDeflate
 
-from ufo_trio import testing as ufo_testing
-from ufo_trio.testing import TEST_KEY, RawClient, open_memory_server, open_server
+from ufo_trio.testing import TEST_KEY, connect, open_memory_server, open_server
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import Callable
     from contextlib import AbstractAsyncContextManager
 
     from conftest import WsprotoPeer
 
     from ufo_trio._server import Server
-
-WAIT = 10.0
-
-
-@asynccontextmanager
-async def connect(url: str, **kwargs: Any) -> AsyncIterator[RawClient]:
-    """`ufo_trio.testing.connect`, and the TCP stream is closed at the end (trio-websocket's
-    client leaves it open when the server closes first; `filterwarnings=error` would object)."""
-    async with ufo_testing.connect(url, **kwargs) as client:
-        try:
-            yield client
-        finally:
-            with trio.move_on_after(WAIT, shield=True):
-                await client.ws.aclose()
-                await trio.aclose_forcefully(client.ws._stream)
-
 
 async def http_get(
     server: Server, target: str, headers: list[tuple[str, str]] | None = None

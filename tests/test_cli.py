@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import trio
 
-from ufo_trio import testing as ufo_testing
+from ufo_trio.testing import connect
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from pathlib import Path
+
+    from ufo_trio.testing import RawClient
 
 #: Generous bound on start-up and exit (a cold interpreter on a busy CI machine).
 WAIT = 30.0
@@ -91,20 +93,7 @@ async def ufo_trio_process(
         await process.stdout.aclose()
 
 
-@asynccontextmanager
-async def connect(url: str, token: str) -> AsyncIterator[ufo_testing.RawClient]:
-    """A raw client whose TCP stream is always closed at the end (trio-websocket leaves it open
-    when the server closes first)."""
-    async with ufo_testing.connect(url, token=token) as client:
-        try:
-            yield client
-        finally:
-            with trio.move_on_after(WAIT, shield=True):
-                await client.ws.aclose()
-                await trio.aclose_forcefully(client.ws._stream)
-
-
-async def register_and_heartbeat(client: ufo_testing.RawClient) -> None:
+async def register_and_heartbeat(client: RawClient) -> None:
     confirmation = await client.register("cli-dev", metadata={"platform": "linux"})
     assert (confirmation["type"], confirmation["status"]) == ("heartbeat", "ok")
     assert confirmation["protocol"] == "aip/1"
@@ -151,7 +140,7 @@ async def test_serve_registers_and_exits_0_on_signal_ep3_shut2(tmp_path: Path, s
         assert int(server.match["port"]) != 0
         assert server.match["rest"] == ""
         with trio.fail_after(WAIT):
-            async with connect(server.url, "K") as client:
+            async with connect(server.url, token="K") as client:
                 await register_and_heartbeat(client)
                 server.process.send_signal(signum)
                 assert (await client.closed()).code == 1001
@@ -168,7 +157,7 @@ async def test_generated_api_key_is_printed_and_works_ep3(tmp_path: Path) -> Non
         )
         assert rest is not None, server.line
         with trio.fail_after(WAIT):
-            async with connect(server.url, rest["key"]) as client:
+            async with connect(server.url, token=rest["key"]) as client:
                 await register_and_heartbeat(client)
         assert await server.stop(signal.SIGTERM) == 0
 
@@ -182,7 +171,7 @@ async def test_environment_variables_ep2(tmp_path: Path) -> None:
         assert int(server.match["port"]) != 0
         assert server.match["rest"] == ""
         with trio.fail_after(WAIT):
-            async with connect(server.url, "env-key") as client:
+            async with connect(server.url, token="env-key") as client:
                 await register_and_heartbeat(client)
         assert await server.stop(signal.SIGINT) == 0
 
