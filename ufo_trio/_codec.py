@@ -332,9 +332,22 @@ def _now() -> str:
 
 
 def unstructure(value: Any) -> Any:
-    """Turn a value that may hold Commands/Results (e.g. an agent's result) into plain JSON data."""
-    if value is None or type(value) in (str, int, float, bool):
+    """Turn a value that may hold Commands/Results (e.g. an agent's result) into plain JSON data.
+
+    Plain JSON values, lists, dicts, Results and Commands are handled here directly (this runs
+    for every TASK_END); anything else goes to the converter.
+    """
+    kind = type(value)
+    if value is None or kind is str or kind is int or kind is float or kind is bool:
         return value
+    if kind is list or kind is tuple:
+        return [unstructure(item) for item in value]
+    if kind is dict:
+        return {key: unstructure(item) for key, item in value.items()}
+    if kind is Result:
+        return _dump_result(value)
+    if kind is Command:
+        return _dump_command(value)
     return converter.unstructure(value)
 
 

@@ -430,31 +430,39 @@ class SessionManager:
         Called once per session from its shielded `finally`; bounded by SEND_TIMEOUT.
         """
         self._untrack(session)
-        frame = ServerMessage(
-            type=ServerMessageType.TASK_END,
-            status=status,
-            session_id=session.session_id,
-            task_name=session.task_name,
-            error=error,
-            result=result,
-        )
         try:
+            result = unstructure(result)
+            frame = ServerMessage(
+                type=ServerMessageType.TASK_END,
+                status=status,
+                session_id=session.session_id,
+                task_name=session.task_name,
+                error=error,
+                result=result,
+            )
             text = encode_server_message(frame)
             if "NaN" in text or "Infinity" in text:
                 # END-4: JSON has no NaN/Infinity, yet `json` writes them; the strict check only
                 # runs when the cheap substring test says one might be there.
-                json.dumps(unstructure(result), allow_nan=False)
+                json.dumps(result, allow_nan=False)
         except (TypeError, ValueError, RecursionError):
             status, error, result = TaskStatus.FAILED, NOT_SERIALISABLE, None
-            frame = attrs.evolve(frame, status=status, error=error, result=None)
-            text = encode_server_message(frame)
+            text = encode_server_message(
+                ServerMessage(
+                    type=ServerMessageType.TASK_END,
+                    status=status,
+                    session_id=session.session_id,
+                    task_name=session.task_name,
+                    error=error,
+                )
+            )
         self.results.add(
             SessionRecord(
                 session_id=session.session_id,
                 task_name=session.task_name,
                 status=status.value,
                 error=error,
-                result=unstructure(result),
+                result=result,
                 finished_at=_wall_now(),
             )
         )
