@@ -140,8 +140,6 @@ class Session:
     started_at: str = attrs.field(factory=_wall_now)
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     cancel_reason: str | None = None
-    #: Set by the requester's handler once the ACK is queued (TASK-8: ACK before first COMMAND).
-    acked: trio.Event = attrs.field(factory=trio.Event)
     done: trio.Event = attrs.field(factory=trio.Event)
     waiters: dict[str, _Waiter] = attrs.field(factory=dict)
     log: logging.LoggerAdapter[logging.Logger] = attrs.field(init=False)
@@ -218,8 +216,21 @@ class Session:
         outcome: tuple[TaskStatus, str | None, Any] | None = None
         try:
             with self.scope:
+                # TASK-8: the ACK is written by the session itself before `nursery.start`
+                # returns, so it precedes both the first COMMAND and any later reply of the
+                # requester's handler (PROC-2), without a hand-off between tasks.
+                try:
+                    await self.requester.send(
+                        ServerMessage(
+                            type=ServerMessageType.HEARTBEAT,
+                            status=TaskStatus.OK,
+                            session_id=self.session_id,
+                            task_name=self.task_name,
+                        )
+                    )
+                except ConnectionGone:
+                    pass  # the requester is closing: its teardown cancels this session
                 task_status.started(self.scope)
-                await self.acked.wait()
                 outcome = await self._drive()
         except Exception as exc:  # what a cancel scope leaves of a mixed exception group
             outcome = (TaskStatus.FAILED, str(exc) or type(exc).__name__, None)
@@ -376,19 +387,6 @@ class SessionManager:
             entry.client_id,
             executor_entry.client_id,
         )
-        try:
-            await conn.send(
-                ServerMessage(
-                    type=ServerMessageType.HEARTBEAT,
-                    status=TaskStatus.OK,
-                    session_id=session_id,
-                    task_name=task_name,
-                )
-            )
-        except ConnectionGone:
-            pass  # the requester is closing: its teardown cancels the session
-        finally:
-            session.acked.set()
 
     # -------------------------------------------------------------------------- results
 
