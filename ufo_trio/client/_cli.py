@@ -255,7 +255,9 @@ async def _device_main(args: argparse.Namespace) -> int:
     url = _url(args)
     tools = _device_tools(args)
     _configure_logging(args.verbose)
-    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+    # SIGINT too: a device started in the background of a script has KeyboardInterrupt
+    # disabled (the shell ignores SIGINT for it), yet should still stop on it.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_device(
             url,
             args.client_id,
