@@ -20,7 +20,7 @@ from .._server import Server, build_server, serve
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-__all__ = ["MemoryServer", "RawClient", "open_memory_server", "open_server"]
+__all__ = ["TEST_KEY", "MemoryServer", "RawClient", "connect", "open_memory_server", "open_server"]
 
 TEST_KEY = "test-key"
 
