@@ -49,6 +49,12 @@ MAX_ECHO = 200
 _CLIENT_TYPES: Final = {t.value: t for t in ClientMessageType}
 
 
+def shown(value: str | None, limit: int = 80) -> str:
+    """A client-supplied id for a log line: `repr`, cut to `limit` characters (ids are unbounded)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def truncate(text: str, limit: int = MAX_ECHO) -> str:
     """SCOPE-4: cut client-supplied text before it goes into an error string."""
     return text if len(text) <= limit else text[:limit]

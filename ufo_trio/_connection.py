@@ -22,7 +22,7 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed
 
-from ._codec import encode_server_message
+from ._codec import encode_server_message, shown
 from ._config import CLOSE_TIMEOUT
 from ._errors import ConnectionGone
 from ._messages import ServerMessage, ServerMessageType, TaskStatus, new_id
@@ -79,7 +79,7 @@ class Connection:
     def label(self) -> str:
         if self.entry is None:
             return f"{self.remote} (unregistered)"
-        return f"{self.entry.client_id!r} ({self.entry.role.value}, {self.remote})"
+        return f"{shown(self.entry.client_id)} ({self.entry.role.value}, {self.remote})"
 
     @property
     def is_open(self) -> bool:

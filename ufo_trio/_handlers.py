@@ -15,6 +15,7 @@ from ._codec import (
     decode_client_message,
     encode_heartbeat_ack,
     parse_json_object,
+    shown,
     structure_client_message,
     truncate,
 )
@@ -214,8 +215,8 @@ async def register(conn: Connection) -> ClientEntry | None:
     log.info(
         "%s registered (platform %s%s)",
         conn.label,
-        entry.platform,
-        f", target {entry.target_id!r}" if entry.target_id else "",
+        shown(entry.platform, 40),
+        f", target {shown(entry.target_id)}" if entry.target_id else "",
     )
     return entry
 

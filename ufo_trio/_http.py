@@ -35,6 +35,7 @@ import attrs
 import h11
 import trio
 
+from ._codec import shown
 from ._endpoint import RequestHead
 from ._errors import ConnectionGone
 from ._limits import linger, log_refusal
@@ -294,14 +295,16 @@ class HttpApi:
                 )
             )
         except ConnectionGone:
-            log.info("%s: dispatch of task %r to %r failed", remote, task_name, client_id)
+            log.info(
+                "%s: dispatch of task %s to %s failed", remote, shown(task_name), shown(client_id)
+            )
             return _error(500, SEND_FAILED)
         # COMPAT-16: ids and sizes only, never the request text.
         log.info(
-            "%s: dispatched task %r to %r (%d characters)",
+            "%s: dispatched task %s to %s (%d characters)",
             remote,
-            task_name,
-            client_id,
+            shown(task_name),
+            shown(client_id),
             len(request),
         )
         return Reply(

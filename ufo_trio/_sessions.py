@@ -19,7 +19,7 @@ import attrs
 import trio
 
 from ._agents import Agent, AgentFactory, TaskFailed, UnsupportedPlatform
-from ._codec import encode_server_message, unstructure
+from ._codec import encode_server_message, shown, unstructure
 from ._errors import ConnectionGone
 from ._limits import log_refusal
 from ._messages import (
@@ -187,10 +187,10 @@ class Session:
                     )
                 )
                 log.debug(
-                    "session %r: COMMAND %s to %r",
-                    self.session_id,
-                    [c.tool_name for c in commands],
-                    self.executor_id,
+                    "session %s: COMMAND %s to %s",
+                    shown(self.session_id),
+                    [shown(c.tool_name, 40) for c in commands],
+                    shown(self.executor_id),
                 )
             except ConnectionGone:
                 pass  # the executor is closing; its teardown cancels this session
@@ -198,9 +198,9 @@ class Session:
                 await waiter.done.wait()
             if waiter.results is None:  # CMD-6
                 log.info(
-                    "session %r: no results for %s within %gs",
-                    self.session_id,
-                    [c.tool_name for c in commands],
+                    "session %s: no results for %s within %gs",
+                    shown(self.session_id),
+                    [shown(c.tool_name, 40) for c in commands],
                     config.command_timeout,
                 )
                 return _failures(
@@ -247,7 +247,7 @@ class Session:
         except TaskFailed as exc:
             return TaskStatus.FAILED, exc.error, exc.result
         except Exception as exc:
-            self.log.info("session %r: agent raised %s", self.session_id, type(exc).__name__)
+            self.log.info("session %s: agent raised %s", shown(self.session_id), type(exc).__name__)
             return TaskStatus.FAILED, str(exc) or type(exc).__name__, None
         return TaskStatus.COMPLETED, None, value
 
@@ -381,11 +381,11 @@ class SessionManager:
             self._untrack(session)
             raise
         log.info(
-            "session %r started: task %r, requester %r, executor %r",
-            session_id,
-            task_name,
-            entry.client_id,
-            executor_entry.client_id,
+            "session %s started: task %s, requester %s, executor %s",
+            shown(session_id),
+            shown(task_name),
+            shown(entry.client_id),
+            shown(executor_entry.client_id),
         )
 
     # -------------------------------------------------------------------------- results
@@ -465,8 +465,8 @@ class SessionManager:
             )
         )
         log.info(
-            "session %r ended: %s%s",
-            session.session_id,
+            "session %s ended: %s%s",
+            shown(session.session_id),
             status.value,
             f" ({error})" if error and len(error) <= 200 else "",
         )
