@@ -236,10 +236,18 @@ class Session:
             outcome = (TaskStatus.FAILED, str(exc) or type(exc).__name__, None)
         finally:
             if outcome is None:
-                outcome = (TaskStatus.FAILED, self.cancel_reason or SHUTTING_DOWN, None)
+                outcome = (TaskStatus.FAILED, self.cancel_reason or self._implied_reason(), None)
             with trio.CancelScope(shield=True):
                 await self.manager.finish(self, *outcome)
             self.done.set()
+
+    def _implied_reason(self) -> str:
+        """Why a session was cancelled from outside its own scope (e.g. while starting)."""
+        if not self.executor.is_open:
+            return DEVICE_GONE
+        if not self.requester.is_open:
+            return REQUESTER_GONE
+        return SHUTTING_DOWN
 
     async def _drive(self) -> tuple[TaskStatus, str | None, Any]:
         try:
