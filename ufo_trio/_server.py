@@ -109,7 +109,7 @@ class Server:
         finally:
             self._nursery = None
             for listener in listeners:
-                with trio.CancelScope(shield=True):
+                with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                     await listener.aclose()
             self._stopped.set()
             log.info("stopped")

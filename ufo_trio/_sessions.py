@@ -237,7 +237,10 @@ class Session:
         finally:
             if outcome is None:
                 outcome = (TaskStatus.FAILED, self.cancel_reason or self._implied_reason(), None)
-            with trio.CancelScope(shield=True):
+            # CAN-2: shielded, so cancellation cannot cut the TASK_END short; bounded (inside
+            # `finish` by SEND_TIMEOUT, and here as a whole) so it cannot hang either.
+            server = self.manager.server
+            with trio.CancelScope(shield=True), server.bounded(2 * server.config.send_timeout):
                 await self.manager.finish(self, *outcome)
             self.done.set()
 
