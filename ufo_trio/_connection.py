@@ -83,7 +83,8 @@ class Connection:
 
     @property
     def is_open(self) -> bool:
-        return self.state is State.REGISTERED
+        """REGISTERED and not asked to close: sessions and senders may still use it."""
+        return self.state is State.REGISTERED and not self._main_scope.cancel_called
 
     # ------------------------------------------------------------------ sending
 
@@ -98,7 +99,7 @@ class Connection:
 
     async def send_text(self, text: str) -> None:
         """`send` for a frame that is already encoded (e.g. one TASK_END for two recipients)."""
-        if self.state is not State.REGISTERED:
+        if not self.is_open:
             raise ConnectionGone(self.label)
         await self._write(text)
 
@@ -162,6 +163,10 @@ class Connection:
             self.close_reason = reason
         self._abort = self._abort or abort
         self._main_scope.cancel()
+        if abort:
+            # A dead or stuck peer: fail any write that is blocked on it now, rather than
+            # letting it hold the send lock (and a takeover's verdict) for SEND_TIMEOUT.
+            self.ws.abort_transport()
 
     # ------------------------------------------------------------------ liveness
 
@@ -179,28 +184,38 @@ class Connection:
     async def probe(self, patience: float) -> bool:
         """Ping the peer: True if a pong or any inbound frame arrives within `patience` (DUP-4).
 
-        A connection that is not REGISTERED (e.g. already CLOSING) fails at once (DC-4).
+        A connection that is not open (e.g. already closing) fails at once (DC-4). The ping is
+        written like any frame (shielded, bounded); one that cannot even be written in time
+        marks the connection for an abort.
         """
-        if self.state is not State.REGISTERED:
+        if not self.is_open:
             return False
+        deadline = trio.current_time() + patience
         alive = trio.Event()
         self._activity_waiters.append(alive)
-
-        async def ping() -> None:
+        try:
+            payload = next(_ping_payloads).to_bytes(8, "big")
             try:
-                await self.ws.ping(next(_ping_payloads).to_bytes(8, "big"))
+                pong = await self.ws.send_ping(payload, deadline)
             except ConnectionClosed:
-                return
-            alive.set()
+                return False
+            if pong is None:
+                self._abort = True  # half a ping may be on the wire
+                return False
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(ping)
-            with trio.move_on_after(patience):
-                await alive.wait()
-            nursery.cancel_scope.cancel()
-        if alive in self._activity_waiters:
-            self._activity_waiters.remove(alive)
-        return alive.is_set()
+            async def wait_pong() -> None:
+                await pong.wait()
+                alive.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait_pong)
+                with trio.move_on_at(deadline):
+                    await alive.wait()
+                nursery.cancel_scope.cancel()
+            return alive.is_set()
+        finally:
+            if alive in self._activity_waiters:
+                self._activity_waiters.remove(alive)
 
     async def _pinger(self) -> None:
         config = self.server.config

@@ -43,6 +43,8 @@ NOT_REGISTERED: Final = (
     "Connection is not registered; the first message must be a register message"
 )
 BINARY_NOT_SUPPORTED: Final = "Binary frames are not supported"
+#: How long a takeover waits for the old connection's cleanup before aborting its socket.
+TAKEOVER_PATIENCE: Final = 5.0
 
 
 def quoted(value: str) -> str:
@@ -178,10 +180,16 @@ async def register(conn: Connection) -> ClientEntry | None:
                         session_id=msg.session_id,
                     )
                     return None
-            # DUP-3: the old connection's cleanup runs to completion before we confirm.
+            # DUP-3: the old connection's cleanup runs to completion before we confirm. If a
+            # write stuck on a dead peer holds it up, abort that peer's socket so the verdict
+            # still reaches the newcomer well inside Galaxy's 30 s (DUP-4, COMPAT-3).
             log.info("%s takes over %s", conn.remote, old.label)
             old.close(4001, "session taken over")
-            await old.finished.wait()
+            with trio.move_on_after(TAKEOVER_PATIENCE):
+                await old.finished.wait()
+            if not old.finished.is_set():
+                old.close(4001, "session taken over", abort=True)
+                await old.finished.wait()
             assert registry.get(client_id) is not existing
         metadata = msg.metadata
         platform = metadata.get("platform") if metadata else None

@@ -166,6 +166,8 @@ class Session:
         root_name: str | None = None,
     ) -> list[Result]:
         """CMD-1…CMD-7: one COMMAND round trip with the executor."""
+        # A write may complete without a checkpoint, so a cancelled session must stop here.
+        await trio.lowlevel.checkpoint_if_cancelled()
         commands = [attrs.evolve(c, call_id=new_id()) for c in commands]
         response_id = new_id()
         waiter = _Waiter(commands)
@@ -231,7 +233,8 @@ class Session:
                 except ConnectionGone:
                     pass  # the requester is closing: its teardown cancels this session
                 task_status.started(self.scope)
-                outcome = await self._drive()
+                if self.requester.is_open and self.executor.is_open:
+                    outcome = await self._drive()
         except Exception as exc:  # what a cancel scope leaves of a mixed exception group
             outcome = (TaskStatus.FAILED, str(exc) or type(exc).__name__, None)
         finally:
@@ -485,7 +488,7 @@ class SessionManager:
         if session.for_constellation and session.executor is not session.requester:
             recipients.append(session.executor)
         with self.server.bounded(self.server.config.send_timeout):
-            for conn in recipients:  # END-3: the requester's copy is queued first
+            for conn in recipients:  # END-3: the requester's copy is written first
                 if conn.is_open:
                     try:
                         await conn.send_text(text)

@@ -18,7 +18,7 @@ import trio
 from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import BytesMessage, CloseConnection, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
 if TYPE_CHECKING:
     from ._config import ServerConfig
@@ -32,6 +32,10 @@ class ServerWebSocket(WebSocketConnection):
     #: The socket under the stream, for the fast path; None for e.g. in-memory test streams.
     _socket: trio.socket.SocketType | None = None
 
+    def _check_open(self) -> None:
+        if self._close_reason or self._wsproto.state is not ConnectionState.OPEN:
+            raise ConnectionClosed(self._close_reason or CloseReason(1006, "closing"))
+
     async def send_frame(self, text: str, deadline: float) -> bool:
         """Write one text frame; False if it could not be written before `deadline`.
 
@@ -42,9 +46,28 @@ class ServerWebSocket(WebSocketConnection):
         a frame in half. After a False return the byte stream may hold half a frame; the caller
         must abort the connection. Raises `ConnectionClosed` if the connection is closed.
         """
-        if self._close_reason:
-            raise ConnectionClosed(self._close_reason)
-        data = self._wsproto.send(TextMessage(data=text))
+        self._check_open()
+        return await self._write_bytes(self._wsproto.send(TextMessage(data=text)), deadline)
+
+    async def send_ping(self, payload: bytes, deadline: float) -> trio.Event | None:
+        """Write a ping like `send_frame` writes a text frame; the event is set by its pong.
+
+        None if the ping could not be written before `deadline` (then abort, as for
+        `send_frame`). Raises `ConnectionClosed` if the connection is closed.
+        """
+        self._check_open()
+        pong = trio.Event()
+        self._pings[payload] = pong
+        if await self._write_bytes(self._wsproto.send(Ping(payload=payload)), deadline):
+            return pong
+        return None
+
+    def abort_transport(self) -> None:
+        """Close the socket now (synchronously), failing any write that is stuck on it."""
+        if self._socket is not None:
+            self._socket.close()
+
+    async def _write_bytes(self, data: bytes, deadline: float) -> bool:
         lock = self._stream_lock
         if lock.locked():
             with trio.CancelScope(shield=True, deadline=deadline):
@@ -85,6 +108,7 @@ class ServerWebSocket(WebSocketConnection):
         if self._wsproto.state is ConnectionState.OPEN:
             # wsproto found an error in the peer's bytes (it reports it as a close event while
             # the connection is still open): answer with the close frame the RFC asks for.
+            self._close_reason = CloseReason(event.code, event.reason or None)
             try:
                 await self._send(CloseConnection(code=event.code, reason=event.reason))
             except ConnectionClosed:
