@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import re
 from typing import TYPE_CHECKING, Any, Final
 
@@ -265,9 +266,17 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-# NaN and Infinity are Python extensions, not JSON: refusing them here means no client value can
-# later make an outbound frame invalid JSON.
-_decode: Final = json.JSONDecoder(parse_constant=_no_constants).decode
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # e.g. 1e999 overflows to inf
+        raise ValueError("number out of range")
+    return value
+
+
+# NaN and Infinity are Python extensions, not JSON, and so is a number that overflows to inf:
+# refusing them here means no client value can make an outbound frame invalid JSON. The encoder
+# refuses them too (allow_nan=False), for values that did not come from a client.
+_decode: Final = json.JSONDecoder(parse_constant=_no_constants, parse_float=_finite_float).decode
 
 
 def parse_json_object(text: str) -> dict[str, Any]:
@@ -329,7 +338,7 @@ def _dump_result(result: Result) -> dict[str, Any]:
 converter.register_unstructure_hook(Command, _dump_command)
 converter.register_unstructure_hook(Result, _dump_result)
 
-_dumps: Final = json.JSONEncoder(separators=(",", ":")).encode
+_dumps: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 _UTC: Final = datetime.UTC
 
 

@@ -44,6 +44,11 @@ def _positive(_inst: object, attribute: attrs.Attribute[Any], value: float) -> N
         raise ConfigError(f"{attribute.name.replace('_', '-')} must be > 0, got {value:g}")
 
 
+def _key(_inst: object, _attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None and not value.strip():
+        raise ConfigError("api-key must not be empty (leave it unset to generate one)")
+
+
 def _port(_inst: object, _attribute: attrs.Attribute[int], value: int) -> None:
     if not 0 <= value <= 65535:
         raise ConfigError(f"port must be between 0 and 65535, got {value}")
@@ -73,7 +78,7 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = attrs.field(default=5000, validator=_port)
-    api_key: str | None = None
+    api_key: str | None = attrs.field(default=None, validator=_key)
     allowed_origins: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     registration_timeout: float = attrs.field(default=30.0, validator=_positive)
     ping_interval: float = attrs.field(default=20.0, validator=_non_negative)

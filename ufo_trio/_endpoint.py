@@ -125,6 +125,8 @@ async def read_head(
 
 def credential_ok(head: RequestHead, api_key: bytes) -> bool:
     """AUTH-1(b)/AUTH-2: a single `token` query parameter or `Authorization: Bearer` matches."""
+    if not api_key:  # never "authenticated" by an empty credential (ServerConfig refuses it too)
+        return False
     ok = False
     tokens = urllib.parse.parse_qs(head.query, keep_blank_values=True).get("token", [])
     if len(tokens) == 1:

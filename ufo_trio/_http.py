@@ -129,7 +129,7 @@ def match_route(path: str) -> tuple[str, str] | None:
 
 
 def _encode(body: Any) -> bytes:
-    return json.dumps(body, separators=(",", ":")).encode()
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
 
 
 @attrs.frozen
