@@ -1,0 +1,1289 @@
+"""Durable task history in SQLite (issue 11): tasks, their step transcripts, devices seen.
+
+Shape (Datasette's, under a Trio owner): ONE writer thread owns the only write connection and
+takes work from a bounded queue, many operations per transaction; HTTP reads run in Trio worker
+threads with their own read-only connections, at most `read_threads` at a time. The event loop
+never waits on the disk except through a cancellable await.
+
+Interface the server calls (all on the Trio thread; times are WIRE-7 wall-clock strings)::
+
+    store = TaskStore(path, retention_days=30, max_tasks=100_000, max_result_bytes=1 << 20,
+                      online=lambda: [...OnlineClient...])
+    await server_nursery.start(store.run)          # opens, locks, migrates, recovers; StoreError
+    await store.task_accepted(TaskRecord(...))     # durable: returns once committed (before ACK)
+    store.task_acked(session_id, at)               # the rest only enqueue (no wait for the disk)
+    await store.command_sent(session_id, index, commands, at)
+    await store.results_received(session_id, index, results_or_None_on_timeout, at)
+    await store.model_turn(session_id, index, turn)   # optional; the caller redacts secrets
+    await store.task_ended(session_id, status, error, result, at)
+    await store.device_seen(DeviceRecord(...))
+    await store.device_gone(client_id, reason, at)
+    store.close()                                  # after the sessions ended: flush and stop
+
+    parse_task_query(params) -> TaskQuery          # BadQuery / BadCursor → HTTP 400
+    await store.list_tasks(query)                  # GET /api/tasks
+    await store.task_detail(session_id)            # GET /api/tasks/{session_id}; None → 404
+    await store.devices()                          # GET /api/devices
+    await store.task_result(name)                  # GET /api/task_result/{name} (RES-1, HTTP-4)
+
+Policies:
+
+* **Ownership.** `<db>.lock` is held with `fcntl.flock` for the store's lifetime, taken before
+  anything is read or written; the OS drops it when the process dies, even on SIGKILL. A second
+  store on the same file fails with `StoreError` naming the file and never touches its rows.
+* **Crash recovery** at open: every `running` task becomes `failed` with error
+  `server stopped before the task ended`, `ended_at` = this start; devices marked connected get
+  the disconnect reason `server stopped`.
+* **Queue full** (`queue_size` operations): a writer waits up to `full_wait` seconds for room.
+  After that a task row (accepted / acked / ended) is queued anyway — an outcome is never
+  dropped; a transcript step, model turn or device sighting is dropped, counted and logged
+  (at most once a minute).
+* **Disk errors while running** (`sqlite3.OperationalError`/`DatabaseError`, e.g. disk full):
+  the batch is rolled back and kept in memory, retried every `retry_interval` seconds, logged at
+  most once a minute; durable waiters are released at once (the server keeps serving), and the
+  query functions overlay the kept outcomes so `task_result` and the task list stay right. Above
+  `retry_cap` kept operations, transcript steps are dropped first (counted), task rows never.
+* **Shutdown**: `close()` (or cancellation of `run`) queues a stop after everything queued; `run`
+  waits for the writer to commit it, shielded and bounded by `flush_timeout`.
+* **Retention**: the writer prunes ended tasks older than `retention_days` and the oldest beyond
+  `max_tasks`, 500 per transaction, between batches of writes; at start, every
+  `prune_interval` seconds and every 1000 new tasks. Never VACUUM.
+* **Sizes**: requests are cut to 64 KiB, results to `max_result_bytes` (JSON text), each with an
+  explicit marker (`REQUEST_CUT_MARKER`, `{"truncated": true, ...}`).
+
+`:memory:` works (the embedding/test default): no lock file, one connection shared by the writer
+and the readers under a lock.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime
+import hashlib
+import hmac
+import json
+import logging
+import os
+import queue
+import secrets
+import sqlite3
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Final
+
+import attrs
+import trio
+
+from ._errors import UfoTrioError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Mapping, Sequence
+
+log = logging.getLogger("ufo_trio.store")
+
+SCHEMA_VERSION: Final = 1
+CRASH_ERROR: Final = "server stopped before the task ended"
+DEVICE_CRASH_REASON: Final = "server stopped"
+MAX_REQUEST_BYTES: Final = 64 * 1024
+REQUEST_CUT_MARKER: Final = "\n[ufo_trio: request cut at 65536 bytes of {size}]"
+STATUSES: Final = ("running", "completed", "failed")
+DEFAULT_LIMIT: Final = 50
+MAX_LIMIT: Final = 500
+#: Operations applied per transaction at most.
+MAX_BATCH: Final = 512
+#: Tasks deleted per pruning transaction.
+PRUNE_BATCH: Final = 500
+#: Disk problems are logged at most this often (seconds).
+ERROR_LOG_INTERVAL: Final = 60.0
+
+_TASK_OPS: Final = frozenset({"accepted", "acked", "ended"})
+
+# --------------------------------------------------------------------------------- schema
+
+#: MIGRATIONS[n] takes a database from `user_version` n to n + 1. Append, never edit.
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
+        """CREATE TABLE tasks (
+            id INTEGER PRIMARY KEY,
+            session_id TEXT NOT NULL,
+            task_name TEXT NOT NULL,
+            requester_id TEXT NOT NULL,
+            requester_type TEXT NOT NULL,
+            executor_id TEXT NOT NULL,
+            platform TEXT,
+            agent TEXT,
+            request TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('running', 'completed', 'failed')),
+            error TEXT,
+            result TEXT,
+            created_at TEXT NOT NULL,
+            acked_at TEXT,
+            ended_at TEXT,
+            commands INTEGER NOT NULL DEFAULT 0,
+            last_tool TEXT
+        )""",
+        "CREATE INDEX tasks_by_time ON tasks (created_at, id)",
+        "CREATE INDEX tasks_by_session ON tasks (session_id, id)",
+        "CREATE INDEX tasks_by_name ON tasks (task_name, id)",
+        "CREATE INDEX tasks_by_status ON tasks (status, created_at, id)",
+        "CREATE INDEX tasks_by_executor ON tasks (executor_id, created_at, id)",
+        "CREATE INDEX tasks_by_requester ON tasks (requester_id, created_at, id)",
+        """CREATE TABLE steps (
+            task_id INTEGER NOT NULL,
+            idx INTEGER NOT NULL,
+            sent_at TEXT NOT NULL,
+            commands TEXT NOT NULL,
+            results TEXT,
+            received_at TEXT,
+            timed_out INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (task_id, idx)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE model_turns (
+            task_id INTEGER NOT NULL,
+            idx INTEGER NOT NULL,
+            seq INTEGER NOT NULL,
+            turn TEXT NOT NULL,
+            PRIMARY KEY (task_id, idx, seq)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE devices (
+            client_id TEXT PRIMARY KEY,
+            role TEXT NOT NULL,
+            platform TEXT,
+            hostname TEXT,
+            system_info TEXT,
+            target_id TEXT,
+            first_seen TEXT NOT NULL,
+            last_seen TEXT NOT NULL,
+            last_disconnect_reason TEXT,
+            connected INTEGER NOT NULL DEFAULT 0
+        )""",
+    ),
+)
+
+
+# --------------------------------------------------------------------------------- errors
+
+
+class StoreError(UfoTrioError):
+    """The database cannot be used (start-up): one line naming the file. The CLI exits 1."""
+
+
+class BadQuery(UfoTrioError, ValueError):
+    """A query parameter of /api/tasks is invalid; the message names it (HTTP 400)."""
+
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(message)
+        self.parameter = parameter
+
+
+class BadCursor(BadQuery):
+    """The pagination cursor was not issued by this database or was altered (HTTP 400)."""
+
+    def __init__(self) -> None:
+        super().__init__("cursor", "Invalid cursor")
+
+
+# --------------------------------------------------------------------------------- values
+
+
+def wall_now() -> str:
+    """Wall-clock UTC in the WIRE-7 format."""
+    return datetime.datetime.now(datetime.UTC).isoformat()
+
+
+@attrs.frozen(kw_only=True)
+class TaskRecord:
+    """An accepted task, written before its ACK goes out (TASK-8)."""
+
+    session_id: str
+    task_name: str
+    request: str
+    requester_id: str
+    requester_type: str
+    executor_id: str
+    platform: str | None
+    agent: str | None
+    created_at: str = attrs.field(factory=wall_now)
+
+
+@attrs.frozen(kw_only=True)
+class DeviceRecord:
+    """A client seen at registration (devices and constellations)."""
+
+    client_id: str
+    role: str
+    platform: str | None
+    system_info: dict[str, Any] | None = None
+    target_id: str | None = None
+    at: str = attrs.field(factory=wall_now)
+
+
+@attrs.frozen(kw_only=True)
+class OnlineClient:
+    """What the server knows about a client that is connected now (for GET /api/devices)."""
+
+    client_id: str
+    role: str
+    platform: str | None
+    connected_at: str | None
+    last_heartbeat: str | None
+    sessions_running: int
+    target_id: str | None = None
+    system_info: dict[str, Any] | None = None
+
+
+@attrs.frozen(kw_only=True)
+class TaskQuery:
+    status: str | None = None
+    target: str | None = None
+    requester: str | None = None
+    since: str | None = None
+    limit: int = DEFAULT_LIMIT
+    cursor: str | None = None
+
+
+@attrs.define(eq=False)
+class _Ended:
+    """An outcome queued (or kept in memory after a disk error) but not yet committed."""
+
+    session_id: str
+    task_name: str | None
+    status: str
+    error: str | None
+    result: Any
+    ended_at: str
+
+
+# --------------------------------------------------------------------------------- helpers
+
+
+def parse_task_query(params: Mapping[str, str]) -> TaskQuery:
+    """Validate the query parameters of GET /api/tasks. Raises `BadQuery` (400)."""
+    status = params.get("status") or None
+    if status is not None and status not in STATUSES:
+        raise BadQuery("status", f"Invalid status: must be one of {', '.join(STATUSES)}")
+    since = params.get("since") or None
+    if since is not None:
+        try:
+            moment = datetime.datetime.fromisoformat(since)
+        except ValueError:
+            raise BadQuery("since", "Invalid since: must be an ISO 8601 timestamp") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=datetime.UTC)
+        since = moment.astimezone(datetime.UTC).isoformat()
+    raw_limit = params.get("limit")
+    limit = DEFAULT_LIMIT
+    if raw_limit:
+        if (
+            not raw_limit.isascii()
+            or not raw_limit.isdigit()
+            or not 1 <= int(raw_limit) <= MAX_LIMIT
+        ):
+            raise BadQuery("limit", f"Invalid limit: must be an integer from 1 to {MAX_LIMIT}")
+        limit = int(raw_limit)
+    return TaskQuery(
+        status=status,
+        target=params.get("target") or None,
+        requester=params.get("requester") or None,
+        since=since,
+        limit=limit,
+        cursor=params.get("cursor") or None,
+    )
+
+
+def cut_request(request: str) -> str:
+    data = request.encode("utf-8", "surrogatepass")
+    if len(data) <= MAX_REQUEST_BYTES:
+        return request
+    head = data[:MAX_REQUEST_BYTES].decode("utf-8", "ignore")
+    return head + REQUEST_CUT_MARKER.format(size=len(data))
+
+
+def encode_result(result: Any, limit: int) -> str | None:
+    """The result as JSON text of at most about `limit` bytes, or a truncation marker."""
+    if result is None:
+        return None
+    try:
+        text = json.dumps(result, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return json.dumps({"truncated": True, "reason": "not JSON-serialisable"})
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size <= limit:
+        return text
+    preview = text.encode("utf-8", "surrogatepass")[: min(limit, 4096)].decode("utf-8", "ignore")
+    return json.dumps(
+        {"truncated": True, "bytes": size, "limit": limit, "preview": preview},
+        ensure_ascii=False,
+    )
+
+
+def _dump_commands(commands: Iterable[Any]) -> str:
+    out = []
+    for c in commands:
+        if isinstance(c, dict):
+            out.append({k: c.get(k) for k in ("tool_name", "tool_type", "parameters", "call_id")})
+        else:
+            tool_type = c.tool_type
+            out.append(
+                {
+                    "tool_name": c.tool_name,
+                    "tool_type": getattr(tool_type, "value", tool_type),
+                    "parameters": c.parameters,
+                    "call_id": c.call_id,
+                }
+            )
+    return _json(out)
+
+
+def _dump_results(results: Iterable[Any]) -> str:
+    out = []
+    for r in results:
+        if isinstance(r, dict):
+            out.append({k: r.get(k) for k in ("status", "error", "result", "call_id")})
+        else:
+            status = r.status
+            out.append(
+                {
+                    "status": getattr(status, "value", status),
+                    "error": r.error,
+                    "result": r.result,
+                    "call_id": r.call_id,
+                }
+            )
+    return _json(out)
+
+
+def _json(value: Any) -> str:
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return "null"
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _last_tool(commands: Sequence[Any]) -> str | None:
+    if not commands:
+        return None
+    last = commands[-1]
+    name = last.get("tool_name") if isinstance(last, dict) else last.tool_name
+    return name if isinstance(name, str) else None
+
+
+_SUMMARY_COLUMNS: Final = (
+    "session_id, task_name, requester_id, requester_type, executor_id, platform, agent, "
+    "status, error, created_at, acked_at, ended_at, commands, last_tool"
+)
+_SUMMARY_KEYS: Final = tuple(c.strip() for c in _SUMMARY_COLUMNS.split(","))
+
+
+def _summary(row: Sequence[Any]) -> dict[str, Any]:
+    return dict(zip(_SUMMARY_KEYS, row, strict=False))
+
+
+# --------------------------------------------------------------------------------- the store
+
+
+class TaskStore:
+    """The task-history subsystem; construct once, start `run` in the server nursery."""
+
+    def __init__(
+        self,
+        path: str = ":memory:",
+        *,
+        retention_days: float = 30.0,
+        max_tasks: int = 100_000,
+        max_result_bytes: int = 1024 * 1024,
+        online: Callable[[], Iterable[OnlineClient]] | None = None,
+        queue_size: int = 4096,
+        full_wait: float = 1.0,
+        commit_wait: float = 10.0,
+        flush_timeout: float = 5.0,
+        retry_interval: float = 5.0,
+        retry_cap: int = 10_000,
+        prune_interval: float = 3600.0,
+        read_threads: int = 4,
+        connect: Callable[..., sqlite3.Connection] = sqlite3.connect,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`connect` and `monotonic` exist for fault-injection tests: the writer thread cannot
+        read Trio's clock, so its once-a-minute log throttle takes this callable instead."""
+        self.path = path
+        self.retention_days = retention_days
+        self.max_tasks = max_tasks
+        self.max_result_bytes = max_result_bytes
+        self._online = online or (lambda: ())
+        self._queue_size = queue_size
+        self._full_wait = full_wait
+        self._commit_wait = commit_wait
+        self.flush_timeout = flush_timeout
+        self._retry_interval = retry_interval
+        self._retry_cap = retry_cap
+        self._prune_interval = prune_interval
+        self._connect = connect
+        self._monotonic = monotonic
+        self._memory = path == ":memory:"
+        # Physically unbounded: the bound is enforced by `_put`, which may exceed it for outcomes.
+        self._queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._room = trio.Event()
+        self._read_limiter = trio.CapacityLimiter(read_threads)
+        self._read_pool: list[sqlite3.Connection] = []
+        self._pool_lock = threading.Lock()
+        # `:memory:` only: the writer and the readers share one connection.
+        self._mem_lock = threading.Lock()
+        self._writer: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+        self._cursor_key = b""
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._started = False
+        self._closing = False
+        self._stopped = trio.Event()
+        self._stop_requested = trio.Event()
+        self._pending_ends: dict[str, _Ended] = {}
+        self._pending_names: dict[str, _Ended] = {}
+        # Writer-thread state (touched only by the writer thread after start).
+        self._rowids: dict[str, int] = {}
+        self._retry: list[tuple[Any, ...]] = []
+        self._dropped = 0
+        self._last_error_log: float | None = None
+        self._failing = False
+        self._prune_more = False
+        self._prune_waiters: list[trio.Event] = []
+        self._inserted_since_prune = 0
+        # Trio-side counters (for logs and tests).
+        self.dropped_full = 0
+        self._last_full_log: float | None = None
+        self.recovered = 0
+
+    # ------------------------------------------------------------------------- lifecycle
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[TaskStore] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The owner task: open (raising `StoreError`), run the writer thread, flush on exit."""
+        if self._started:
+            raise RuntimeError("TaskStore.run may be called once")
+        self._started = True
+        self._token = trio.lowlevel.current_trio_token()
+        await trio.to_thread.run_sync(self._open)
+        thread = threading.Thread(
+            target=self._writer_main, name=f"ufo_trio store writer ({self.path})", daemon=True
+        )
+        thread.start()
+        self._queue.put(("prune",))
+        try:
+            task_status.started(self)
+            while True:
+                with trio.move_on_after(self._prune_interval):
+                    await self._stop_requested.wait()
+                if self._stop_requested.is_set():
+                    break
+                self._queue.put(("prune",))
+        finally:
+            self._closing = True
+            self._queue.put(("stop",))
+            with trio.CancelScope(shield=True), trio.move_on_after(self.flush_timeout) as scope:
+                await self._stopped.wait()
+            if scope.cancelled_caught:
+                log.error(
+                    "task store: the writer did not finish within %gs; unwritten operations lost",
+                    self.flush_timeout,
+                )
+            else:
+                # The writer thread has returned: its connection is ours to close.
+                self._close_connections()
+            self._release_lock()
+
+    def close(self) -> None:
+        """Ask `run` to flush everything queued and return (call after the sessions ended)."""
+        self._stop_requested.set()
+
+    async def aclose(self) -> None:
+        """`close()` and wait until the writer has stopped (bounded by `flush_timeout`)."""
+        self.close()
+        with trio.move_on_after(self.flush_timeout):
+            await self._stopped.wait()
+
+    # ------------------------------------------------------------------------- opening
+
+    def _open(self) -> None:
+        """Lock, connect, check the version, migrate, recover. Runs in a worker thread."""
+        path = self.path
+        if self._memory:
+            self._writer = self._connect(":memory:", isolation_level=None, check_same_thread=False)
+        else:
+            directory = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(directory):
+                raise StoreError(
+                    f"cannot open database {path}: directory {directory} does not exist"
+                )
+            self._take_lock()
+            try:
+                self._writer = self._connect(path, isolation_level=None, check_same_thread=False)
+            except sqlite3.Error as exc:
+                self._release_lock()
+                raise StoreError(f"cannot open database {path}: {exc}") from None
+        try:
+            self._prepare(self._writer)
+        except BaseException:
+            self._close_connections()
+            self._release_lock()
+            raise
+
+    def _take_lock(self) -> None:
+        import fcntl  # POSIX; imported here so that `:memory:` works everywhere
+
+        lock_path = self.path + ".lock"
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot open database {self.path}: lock file {lock_path}: {exc.strerror or exc}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StoreError(
+                f"database {self.path} is in use by another ufo_trio server (lock {lock_path})"
+            ) from None
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)  # closing the descriptor drops the flock
+            self._lock_fd = None
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        path = self.path
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"database {path} is unreadable or corrupted: {exc}") from None
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"database {path} has schema version {version}, newer than this ufo_trio "
+                f"understands ({len(MIGRATIONS)}); use a newer ufo_trio or another --db"
+            )
+        if version == 0 and tables:
+            raise StoreError(f"database {path} is not a ufo_trio database (it has other tables)")
+        try:
+            if not self._memory:
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise StoreError(f"database {path}: cannot switch to WAL mode (got {mode})")
+                conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for step in range(version, len(MIGRATIONS)):
+                    for statement in MIGRATIONS[step]:
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {step + 1}")  # an int we control
+                row = conn.execute("SELECT value FROM meta WHERE key = 'cursor_key'").fetchone()
+                if row is None:
+                    key = secrets.token_hex(32)
+                    conn.execute("INSERT INTO meta (key, value) VALUES ('cursor_key', ?)", (key,))
+                else:
+                    key = row[0]
+                now = wall_now()
+                self.recovered = conn.execute(
+                    "UPDATE tasks SET status = 'failed', error = ?, ended_at = ? "
+                    "WHERE status = 'running'",
+                    (CRASH_ERROR, now),
+                ).rowcount
+                conn.execute(
+                    "UPDATE devices SET connected = 0, last_disconnect_reason = ? "
+                    "WHERE connected = 1",
+                    (DEVICE_CRASH_REASON,),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+        except StoreError:
+            raise
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot write database {path}: {exc}") from None
+        self._cursor_key = bytes.fromhex(key)
+        if self._memory:
+            log.info("task store: in memory (history is lost when the server stops)")
+        else:
+            log.info("task store: database %s (schema version %d)", path, len(MIGRATIONS))
+        if self.recovered:
+            log.warning(
+                "task store: %d task(s) were running when the server stopped; marked failed",
+                self.recovered,
+            )
+
+    def _close_connections(self) -> None:
+        with self._pool_lock:
+            pool, self._read_pool = self._read_pool, []
+        for conn in [*pool, *([self._writer] if self._writer else [])]:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        self._writer = None
+
+    # ------------------------------------------------------------------------- writing (Trio side)
+
+    async def task_accepted(self, record: TaskRecord) -> None:
+        """Record a new task; returns once it is committed (or kept in memory after a disk
+        error, or after `commit_wait` seconds), so the row exists before the ACK goes out."""
+        await self._put(("accepted", record), essential=True, durable=True)
+
+    def task_acked(self, session_id: str, at: str) -> None:
+        """The ACK went out (never waits; a task row op, so never dropped)."""
+        self._queue.put(("acked", session_id, at))
+
+    async def command_sent(
+        self, session_id: str, index: int, commands: Sequence[Any], at: str
+    ) -> None:
+        """COMMAND number `index` (0-based) went out with these `Command`s (or dicts)."""
+        await self._put(("command", session_id, index, commands, at), essential=False)
+
+    async def results_received(
+        self, session_id: str, index: int, results: Sequence[Any] | None, at: str
+    ) -> None:
+        """The Results of COMMAND `index`, or `None` when it timed out (CMD-6)."""
+        await self._put(("results", session_id, index, results, at), essential=False)
+
+    async def model_turn(self, session_id: str, index: int, turn: Any) -> None:
+        """A model turn that led to COMMAND `index` (JSON value; secrets already redacted)."""
+        await self._put(("turn", session_id, index, turn), essential=False)
+
+    async def task_ended(
+        self,
+        session_id: str,
+        status: str,
+        error: str | None,
+        result: Any,
+        at: str,
+        *,
+        task_name: str | None = None,
+    ) -> None:
+        """The outcome (status `completed`/`failed`). Never dropped; readable at once."""
+        ended = _Ended(session_id, task_name, status, error, result, at)
+        self._pending_ends[session_id] = ended
+        if task_name is not None:
+            self._pending_names[task_name] = ended
+        await self._put(("ended", ended), essential=True)
+
+    async def device_seen(self, device: DeviceRecord) -> None:
+        """A client registered (first/last seen, role, platform, system_info)."""
+        await self._put(("seen", device), essential=False)
+
+    async def device_gone(self, client_id: str, reason: str | None, at: str) -> None:
+        await self._put(("gone", client_id, reason, at), essential=False)
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is committed (or kept after a disk error)."""
+        await self._put(("flush",), essential=True, durable=True)
+
+    async def prune(self) -> None:
+        """Apply retention now and wait until it is done (bounded by `commit_wait`)."""
+        done = trio.Event()
+        self._queue.put(("prune", done))
+        with trio.move_on_after(self._commit_wait):
+            await done.wait()
+
+    async def _put(self, op: tuple[Any, ...], *, essential: bool, durable: bool = False) -> None:
+        if self._closing:
+            if essential:
+                log.error("task store: stopped; %s for %s not recorded", op[0], _op_subject(op))
+            return
+        if self._queue.qsize() >= self._queue_size:
+            with trio.move_on_after(self._full_wait):
+                while self._queue.qsize() >= self._queue_size:
+                    if self._room.is_set():
+                        self._room = trio.Event()
+                    await self._room.wait()
+            if self._queue.qsize() >= self._queue_size and not essential:
+                self.dropped_full += 1
+                now = trio.current_time()
+                if self._last_full_log is None or now - self._last_full_log >= ERROR_LOG_INTERVAL:
+                    self._last_full_log = now
+                    log.warning(
+                        "task store: queue full for %gs; dropped %d transcript/device record(s) "
+                        "so far (task outcomes are kept)",
+                        self._full_wait,
+                        self.dropped_full,
+                    )
+                return
+        if not durable:
+            self._queue.put(op)
+            return
+        done = trio.Event()
+        self._queue.put((*op, done))
+        with trio.move_on_after(self._commit_wait) as scope:
+            await done.wait()
+        if scope.cancelled_caught:
+            log.warning(
+                "task store: %s for %s not committed within %gs; continuing",
+                op[0],
+                _op_subject(op),
+                self._commit_wait,
+            )
+
+    # ------------------------------------------------------------------------- callbacks from the writer
+
+    def _notify(self, events: list[trio.Event], committed: list[_Ended], room: bool) -> None:
+        """Runs on the Trio thread (`run_sync_soon`): wake waiters, forget committed outcomes."""
+        for event in events:
+            event.set()
+        for ended in committed:
+            if self._pending_ends.get(ended.session_id) is ended:
+                del self._pending_ends[ended.session_id]
+            if ended.task_name is not None and self._pending_names.get(ended.task_name) is ended:
+                del self._pending_names[ended.task_name]
+        if room:
+            self._room.set()
+
+    def _call_trio(self, fn: Callable[..., None], *args: Any) -> None:
+        assert self._token is not None
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(fn, *args)
+
+    # ------------------------------------------------------------------------- the writer thread
+
+    def _writer_main(self) -> None:
+        try:
+            stopping = False
+            while not stopping:
+                if self._retry:
+                    timeout: float | None = self._retry_interval
+                elif self._prune_more:
+                    timeout = 0.0
+                else:
+                    timeout = None
+                ops, stopping = self._drain(timeout)
+                batch = self._retry + ops
+                self._retry = []
+                if batch:
+                    self._write(batch)
+                elif self._prune_more:
+                    self._prune_step()
+            if self._retry:
+                log.error(
+                    "task store: stopping with %d operation(s) that could not be written",
+                    len(self._retry),
+                )
+        except BaseException:  # a bug: say so loudly, never kill the process from a thread
+            log.exception("task store: writer thread crashed")
+        finally:
+            self._call_trio(self._stopped.set)
+
+    def _drain(self, timeout: float | None) -> tuple[list[tuple[Any, ...]], bool]:
+        was_full = self._queue.qsize() >= self._queue_size
+        ops: list[tuple[Any, ...]] = []
+        try:
+            if timeout == 0.0:
+                first = self._queue.get_nowait()
+            else:
+                first = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return ops, False
+        stopping = False
+        item: tuple[Any, ...] | None = first
+        while item is not None:
+            if item[0] == "stop":
+                stopping = True
+                break
+            if item[0] == "prune":
+                self._prune_more = True
+                if len(item) > 1:
+                    self._prune_waiters.append(item[1])
+            else:
+                ops.append(item)
+            if len(ops) >= MAX_BATCH:
+                break
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                item = None
+        if was_full:
+            self._call_trio(self._notify, [], [], True)
+        return ops, stopping
+
+    def _write(self, batch: list[tuple[Any, ...]]) -> None:
+        conn = self._writer
+        assert conn is not None
+        new_rowids: dict[str, int] = {}
+        ended: list[_Ended] = []
+        try:
+            with self._mem_lock if self._memory else contextlib.nullcontext():
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for op in batch:
+                        self._apply(conn, op, new_rowids, ended)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    raise
+        except sqlite3.DatabaseError as exc:
+            self._failed(batch, exc)
+            return
+        self._rowids.update(new_rowids)
+        for e in ended:
+            self._rowids.pop(e.session_id, None)
+        if self._failing:
+            self._failing = False
+            self._last_error_log = None
+            log.warning("task store: writing to %s again; kept operations written", self.path)
+        self._call_trio(self._notify, _events(batch), ended, False)
+        if self._inserted_since_prune >= 1000:
+            self._inserted_since_prune = 0
+            self._prune_more = True
+
+    def _failed(self, batch: list[tuple[Any, ...]], exc: sqlite3.Error) -> None:
+        self._failing = True
+        if len(batch) > self._retry_cap:
+            kept = [op for op in batch if op[0] in _TASK_OPS]
+            self._dropped += len(batch) - len(kept)
+            batch = kept
+        self._retry = batch
+        now = self._monotonic()
+        if self._last_error_log is None or now - self._last_error_log >= ERROR_LOG_INTERVAL:
+            self._last_error_log = now
+            log.error(
+                "task store: cannot write %s (%s); %d operation(s) kept in memory, retrying "
+                "every %gs%s",
+                self.path,
+                exc,
+                len(batch),
+                self._retry_interval,
+                f"; {self._dropped} transcript record(s) dropped" if self._dropped else "",
+            )
+        # The server keeps serving: whoever waits for these writes is released now.
+        events = _events(batch)
+        if events:
+            self._call_trio(self._notify, events, [], False)
+
+    def _apply(
+        self,
+        conn: sqlite3.Connection,
+        op: tuple[Any, ...],
+        new_rowids: dict[str, int],
+        ended: list[_Ended],
+    ) -> None:
+        kind = op[0]
+
+        def rowid(session_id: str) -> int | None:
+            found = new_rowids.get(session_id) or self._rowids.get(session_id)
+            if found is None:
+                row = conn.execute(
+                    "SELECT id FROM tasks WHERE session_id = ? ORDER BY id DESC LIMIT 1",
+                    (session_id,),
+                ).fetchone()
+                found = row[0] if row else None
+            return found
+
+        if kind == "accepted":
+            r: TaskRecord = op[1]
+            cursor = conn.execute(
+                "INSERT INTO tasks (session_id, task_name, requester_id, requester_type, "
+                "executor_id, platform, agent, request, status, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running', ?)",
+                (
+                    r.session_id,
+                    r.task_name,
+                    r.requester_id,
+                    r.requester_type,
+                    r.executor_id,
+                    r.platform,
+                    r.agent,
+                    cut_request(r.request),
+                    r.created_at,
+                ),
+            )
+            assert cursor.lastrowid is not None
+            new_rowids[r.session_id] = cursor.lastrowid
+            self._inserted_since_prune += 1
+        elif kind == "acked":
+            task_id = rowid(op[1])
+            if task_id is not None:
+                conn.execute("UPDATE tasks SET acked_at = ? WHERE id = ?", (op[2], task_id))
+        elif kind == "command":
+            _, session_id, index, commands, at = op
+            task_id = rowid(session_id)
+            if task_id is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO steps (task_id, idx, sent_at, commands) "
+                    "VALUES (?, ?, ?, ?)",
+                    (task_id, index, at, _dump_commands(commands)),
+                )
+                conn.execute(
+                    "UPDATE tasks SET commands = commands + 1, last_tool = ? WHERE id = ?",
+                    (_last_tool(commands), task_id),
+                )
+        elif kind == "results":
+            _, session_id, index, results, at = op
+            task_id = rowid(session_id)
+            if task_id is not None:
+                conn.execute(
+                    "UPDATE steps SET results = ?, received_at = ?, timed_out = ? "
+                    "WHERE task_id = ? AND idx = ?",
+                    (
+                        None if results is None else _dump_results(results),
+                        None if results is None else at,
+                        int(results is None),
+                        task_id,
+                        index,
+                    ),
+                )
+        elif kind == "turn":
+            _, session_id, index, turn = op
+            task_id = rowid(session_id)
+            if task_id is not None:
+                conn.execute(
+                    "INSERT INTO model_turns (task_id, idx, seq, turn) VALUES (?, ?, "
+                    "(SELECT count(*) FROM model_turns WHERE task_id = ? AND idx = ?), ?)",
+                    (task_id, index, task_id, index, _json(turn)),
+                )
+        elif kind == "ended":
+            e: _Ended = op[1]
+            task_id = rowid(e.session_id)
+            if task_id is not None:
+                conn.execute(
+                    "UPDATE tasks SET status = ?, error = ?, result = ?, ended_at = ? WHERE id = ?",
+                    (
+                        e.status,
+                        e.error,
+                        encode_result(e.result, self.max_result_bytes),
+                        e.ended_at,
+                        task_id,
+                    ),
+                )
+            ended.append(e)
+        elif kind == "seen":
+            d: DeviceRecord = op[1]
+            info = d.system_info if isinstance(d.system_info, dict) else None
+            hostname = info.get("hostname") if info else None
+            conn.execute(
+                "INSERT INTO devices (client_id, role, platform, hostname, system_info, "
+                "target_id, first_seen, last_seen, connected) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1) "
+                "ON CONFLICT (client_id) DO UPDATE SET role = excluded.role, "
+                "platform = excluded.platform, hostname = excluded.hostname, "
+                "system_info = excluded.system_info, target_id = excluded.target_id, "
+                "last_seen = excluded.last_seen, connected = 1",
+                (
+                    d.client_id,
+                    d.role,
+                    d.platform,
+                    hostname if isinstance(hostname, str) else None,
+                    None if info is None else _json(info),
+                    d.target_id,
+                    d.at,
+                    d.at,
+                ),
+            )
+        elif kind == "gone":
+            _, client_id, reason, at = op
+            conn.execute(
+                "UPDATE devices SET last_seen = ?, last_disconnect_reason = ?, connected = 0 "
+                "WHERE client_id = ?",
+                (at, reason, client_id),
+            )
+
+    def _prune_step(self) -> None:
+        """Delete at most PRUNE_BATCH ended tasks that are too old or over `max_tasks`."""
+        conn = self._writer
+        assert conn is not None
+        cutoff = (
+            datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=self.retention_days)
+        ).isoformat()
+        try:
+            with self._mem_lock if self._memory else contextlib.nullcontext():
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    ids = [
+                        row[0]
+                        for row in conn.execute(
+                            "SELECT id FROM tasks WHERE created_at < ? AND status != 'running' "
+                            "ORDER BY created_at, id LIMIT ?",
+                            (cutoff, PRUNE_BATCH),
+                        )
+                    ]
+                    if len(ids) < PRUNE_BATCH:
+                        total = conn.execute("SELECT count(*) FROM tasks").fetchone()[0]
+                        excess = min(total - len(ids) - self.max_tasks, PRUNE_BATCH - len(ids))
+                        if excess > 0:
+                            ids += [
+                                row[0]
+                                for row in conn.execute(
+                                    "SELECT id FROM tasks WHERE status != 'running' "
+                                    "AND created_at >= ? ORDER BY created_at, id LIMIT ?",
+                                    (cutoff, excess),
+                                )
+                            ]
+                    for table, column in (("steps", "task_id"), ("model_turns", "task_id")):
+                        conn.executemany(
+                            f"DELETE FROM {table} WHERE {column} = ?",  # constant names
+                            [(i,) for i in ids],
+                        )
+                    conn.executemany("DELETE FROM tasks WHERE id = ?", [(i,) for i in ids])
+                    conn.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    raise
+        except sqlite3.DatabaseError as exc:
+            self._prune_more = False
+            log.warning("task store: pruning %s failed: %s", self.path, exc)
+        else:
+            self._prune_more = len(ids) == PRUNE_BATCH
+            if ids:
+                log.info("task store: pruned %d old task(s)", len(ids))
+        if not self._prune_more and self._prune_waiters:
+            waiters, self._prune_waiters = self._prune_waiters, []
+            self._call_trio(self._notify, waiters, [], False)
+
+    # ------------------------------------------------------------------------- reading
+
+    async def _read(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._writer is None:
+            raise StoreError("task store is not open")
+        return await trio.to_thread.run_sync(
+            self._in_read_connection, fn, args, limiter=self._read_limiter, abandon_on_cancel=True
+        )
+
+    def _in_read_connection(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        if self._memory:
+            with self._mem_lock:
+                assert self._writer is not None
+                return fn(self._writer, *args)
+        with self._pool_lock:
+            conn = self._read_pool.pop() if self._read_pool else None
+        if conn is None:
+            conn = self._connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA query_only = 1")
+        try:
+            result = fn(conn, *args)
+        except BaseException:
+            conn.close()
+            raise
+        with self._pool_lock:
+            self._read_pool.append(conn)
+        return result
+
+    def _encode_cursor(self, created_at: str, task_id: int) -> str:
+        payload = json.dumps([created_at, task_id], separators=(",", ":")).encode()
+        tag = hmac.new(self._cursor_key, payload, hashlib.sha256).digest()[:16]
+        return base64.urlsafe_b64encode(tag + payload).decode().rstrip("=")
+
+    def _decode_cursor(self, cursor: str) -> tuple[str, int]:
+        try:
+            if len(cursor) > 512:
+                raise ValueError
+            raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+            tag, payload = raw[:16], raw[16:]
+            expected = hmac.new(self._cursor_key, payload, hashlib.sha256).digest()[:16]
+            if not hmac.compare_digest(tag, expected):
+                raise ValueError
+            created_at, task_id = json.loads(payload)
+            if type(created_at) is not str or type(task_id) is not int:
+                raise ValueError
+        except (ValueError, TypeError, UnicodeDecodeError):
+            raise BadCursor() from None
+        return created_at, task_id
+
+    async def list_tasks(self, query: TaskQuery) -> dict[str, Any]:
+        """GET /api/tasks: `{"tasks": [TaskSummary...], "next_cursor": str | None}`."""
+        after = self._decode_cursor(query.cursor) if query.cursor else None
+        rows: list[tuple[Any, ...]] = await self._read(_select_tasks, query, after)
+        more = len(rows) > query.limit
+        rows = rows[: query.limit]
+        tasks = [self._overlay(_summary(row[1:])) for row in rows]
+        next_cursor = None
+        if more:
+            last = rows[-1]
+            next_cursor = self._encode_cursor(last[10], last[0])  # created_at, id
+        return {"tasks": tasks, "next_cursor": next_cursor}
+
+    async def task_detail(self, session_id: str) -> dict[str, Any] | None:
+        """GET /api/tasks/{session_id}: summary + request, result, steps; None if unknown."""
+        detail: dict[str, Any] | None = await self._read(_select_detail, session_id)
+        if detail is None:
+            return None
+        return self._overlay(detail)
+
+    async def task_result(self, task_name: str) -> dict[str, Any]:
+        """RES-1/HTTP-4 for an already sanitised name: pending / done / failed."""
+        row: dict[str, Any] | None = await self._read(_select_by_name, task_name)
+        if row is None:
+            ended = self._pending_names.get(task_name)
+            if ended is None:
+                return {"status": "pending"}
+            row = {"status": ended.status, "error": ended.error, "result": ended.result}
+        else:
+            row = self._overlay(row)
+        if row["status"] == "completed":
+            return {"status": "done", "result": row["result"]}
+        if row["status"] == "failed":
+            return {"status": "failed", "error": row["error"], "result": row["result"]}
+        return {"status": "pending"}
+
+    def _overlay(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A row as it will be once the queued outcome of its session is committed."""
+        if row["status"] == "running":
+            ended = self._pending_ends.get(row["session_id"])
+            if ended is not None:
+                row.update(status=ended.status, error=ended.error, ended_at=ended.ended_at)
+                if "result" in row:
+                    row["result"] = _loads(encode_result(ended.result, self.max_result_bytes))
+        return row
+
+    async def devices(self) -> dict[str, Any]:
+        """GET /api/devices: every client ever seen, online first, then by last_seen desc."""
+        online = {c.client_id: c for c in self._online()}  # on the Trio thread
+        rows: list[dict[str, Any]] = await self._read(_select_devices)
+        now = wall_now()
+        out: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for row in rows:
+            seen.add(row["client_id"])
+            out.append(_device(row, online.get(row["client_id"]), now))
+        for client in online.values():
+            if client.client_id not in seen:  # registered, sighting not yet committed
+                info = client.system_info
+                hostname = info.get("hostname") if isinstance(info, dict) else None
+                row = {
+                    "client_id": client.client_id,
+                    "role": client.role,
+                    "platform": client.platform,
+                    "hostname": hostname if isinstance(hostname, str) else None,
+                    "target_id": client.target_id,
+                    "first_seen": client.connected_at or now,
+                    "last_seen": now,
+                    "last_disconnect_reason": None,
+                }
+                out.append(_device(row, client, now))
+        out.sort(key=lambda d: str(d["last_seen"] or ""), reverse=True)
+        out.sort(key=lambda d: not d["online"])  # stable: online first, each by last_seen
+        return {"devices": out}
+
+
+# --------------------------------------------------------------------------------- read helpers
+
+
+def _op_subject(op: tuple[Any, ...]) -> str:
+    subject = op[1] if len(op) > 1 else ""
+    return str(getattr(subject, "session_id", getattr(subject, "client_id", subject)))[:80]
+
+
+def _events(batch: Iterable[tuple[Any, ...]]) -> list[trio.Event]:
+    return [op[-1] for op in batch if isinstance(op[-1], trio.Event)]
+
+
+def _device(row: dict[str, Any], client: OnlineClient | None, now: str) -> dict[str, Any]:
+    online = client is not None
+    return {
+        "client_id": row["client_id"],
+        "role": client.role if client else row["role"],
+        "platform": client.platform if client else row["platform"],
+        "hostname": row["hostname"],
+        "online": online,
+        "connected_at": client.connected_at if client else None,
+        "last_heartbeat": client.last_heartbeat if client else None,
+        "sessions_running": client.sessions_running if client else 0,
+        "target_id": client.target_id if client else row["target_id"],
+        "first_seen": row["first_seen"],
+        "last_seen": now if online else row["last_seen"],
+        "last_disconnect_reason": None if online else row["last_disconnect_reason"],
+    }
+
+
+def _select_tasks(
+    conn: sqlite3.Connection, query: TaskQuery, after: tuple[str, int] | None
+) -> list[tuple[Any, ...]]:
+    # Only constant fragments are joined; every value is a bound parameter.
+    where: list[str] = []
+    params: list[Any] = []
+    if query.status is not None:
+        where.append("status = ?")
+        params.append(query.status)
+    if query.target is not None:
+        where.append("executor_id = ?")
+        params.append(query.target)
+    if query.requester is not None:
+        where.append("requester_id = ?")
+        params.append(query.requester)
+    if query.since is not None:
+        where.append("created_at >= ?")
+        params.append(query.since)
+    if after is not None:
+        where.append("(created_at, id) < (?, ?)")
+        params.extend(after)
+    sql = f"SELECT id, {_SUMMARY_COLUMNS} FROM tasks"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+    params.append(query.limit + 1)
+    return conn.execute(sql, params).fetchall()
+
+
+def _select_detail(conn: sqlite3.Connection, session_id: str) -> dict[str, Any] | None:
+    row = conn.execute(
+        f"SELECT id, request, result, {_SUMMARY_COLUMNS} FROM tasks WHERE session_id = ? "
+        "ORDER BY id DESC LIMIT 1",
+        (session_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    task_id, request, result = row[0], row[1], row[2]
+    detail = _summary(row[3:])
+    detail["request"] = request
+    detail["result"] = _loads(result)
+    steps = [
+        {
+            "index": idx,
+            "sent_at": sent_at,
+            "commands": _loads(commands),
+            "results": _loads(results),
+            "received_at": received_at,
+            "timed_out": bool(timed_out),
+        }
+        for idx, sent_at, commands, results, received_at, timed_out in conn.execute(
+            "SELECT idx, sent_at, commands, results, received_at, timed_out FROM steps "
+            "WHERE task_id = ? ORDER BY idx",
+            (task_id,),
+        )
+    ]
+    by_index = {step["index"]: step for step in steps}
+    for idx, turn in conn.execute(
+        "SELECT idx, turn FROM model_turns WHERE task_id = ? ORDER BY idx, seq", (task_id,)
+    ):
+        step = by_index.get(idx) or (steps[-1] if steps else None)
+        if step is not None:
+            step.setdefault("model_turns", []).append(_loads(turn))
+    detail["steps"] = steps
+    return detail
+
+
+def _select_by_name(conn: sqlite3.Connection, task_name: str) -> dict[str, Any] | None:
+    row = conn.execute(
+        "SELECT session_id, status, error, result FROM tasks WHERE task_name = ? "
+        "ORDER BY id DESC LIMIT 1",
+        (task_name,),
+    ).fetchone()
+    if row is None:
+        return None
+    return {"session_id": row[0], "status": row[1], "error": row[2], "result": _loads(row[3])}
+
+
+def _select_devices(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    cursor = conn.execute(
+        "SELECT client_id, role, platform, hostname, target_id, first_seen, last_seen, "
+        "last_disconnect_reason FROM devices ORDER BY last_seen DESC"
+    )
+    keys = [d[0] for d in cursor.description]
+    return [dict(zip(keys, row, strict=True)) for row in cursor]
