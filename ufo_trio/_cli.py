@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import trio
 
 from ._config import (
+    DB_MAX_RESULT_BYTES,
+    DB_MAX_TASKS,
+    DB_RETENTION_DAYS,
     DUPLICATE_POLICIES,
     LOG_LEVELS,
     MAX_BODY_SIZE,
@@ -36,7 +39,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
 PROG = "ufo-trio"
-SUBCOMMANDS = ("serve", "device", "task", "clients")
+SUBCOMMANDS = ("serve", "device", "task", "clients", "tasks")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,6 +65,7 @@ def _finite(what: str) -> Callable[[str], float]:
 
 
 _seconds = _finite("a number of seconds")
+_days = _finite("a number of days")
 _rate = _finite("a number per second")
 
 
@@ -70,6 +74,13 @@ def _int(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _count(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
 
 
 def _size(text: str) -> int:
@@ -107,6 +118,11 @@ _SERVE_FLAGS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("--send-timeout", _seconds, SEND_TIMEOUT, "seconds to write or queue one outbound frame"),
     ("--max-header-size", _size, MAX_HEADER_SIZE, "largest HTTP request head in bytes; more get 431"),
     ("--max-body-size", _size, MAX_BODY_SIZE, "largest HTTP request body in bytes; more get 413"),
+    # Task history (issue 11, docs/operations.md "The task database").
+    ("--db", str, "ufo_trio.db", "SQLite file of the task history; :memory: keeps none"),
+    ("--db-retention-days", _days, DB_RETENTION_DAYS, "delete ended tasks older than this; 0 = keep"),
+    ("--db-max-tasks", _count, DB_MAX_TASKS, "keep at most this many tasks; 0 = no cap"),
+    ("--db-max-result-bytes", _size, DB_MAX_RESULT_BYTES, "largest task result stored (JSON bytes)"),
 ]
 
 

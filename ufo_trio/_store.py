@@ -998,9 +998,11 @@ class TaskStore:
         """Delete at most PRUNE_BATCH ended tasks that are too old or over `max_tasks`."""
         conn = self._writer
         assert conn is not None
-        cutoff = (
-            datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=self.retention_days)
-        ).isoformat()
+        cutoff = ""  # 0 days: no age limit ("" sorts before every timestamp)
+        if self.retention_days > 0:
+            cutoff = (
+                datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=self.retention_days)
+            ).isoformat()
         try:
             with self._mem_lock if self._memory else contextlib.nullcontext():
                 conn.execute("BEGIN IMMEDIATE")
@@ -1013,7 +1015,7 @@ class TaskStore:
                             (cutoff, PRUNE_BATCH),
                         )
                     ]
-                    if len(ids) < PRUNE_BATCH:
+                    if len(ids) < PRUNE_BATCH and self.max_tasks > 0:
                         total = conn.execute("SELECT count(*) FROM tasks").fetchone()[0]
                         excess = min(total - len(ids) - self.max_tasks, PRUNE_BATCH - len(ids))
                         if excess > 0:
