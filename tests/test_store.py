@@ -25,6 +25,7 @@ import trio
 import trio.lowlevel
 import trio.testing
 
+from ufo_trio import ConfigError, ServerConfig
 from ufo_trio._messages import Command, Result, ResultStatus, ToolType
 from ufo_trio._store import (
     CRASH_ERROR,
@@ -680,6 +681,29 @@ async def test_devices_merge_live_data_online_first(tmp_path: Path) -> None:
     assert const["target_id"] == "d2"
     assert const["online"] is True
     assert len(devices) == 3
+
+
+async def test_store_from_server_config(tmp_path: Path) -> None:
+    config = ServerConfig(
+        db=str(tmp_path / "c.db"), db_retention_days=0, db_max_tasks=0, db_max_result_bytes=10,
+        shutdown_grace=2.5,
+    )  # fmt: skip
+    store = TaskStore.from_config(config)
+    assert (store.path, store.retention_days, store.max_tasks) == (config.db, 0, 0)
+    assert (store.max_result_bytes, store.flush_timeout) == (10, 2.5)
+    assert ServerConfig().db == ":memory:"
+    with pytest.raises(ConfigError, match="db-max-tasks must be >= 0"):
+        ServerConfig(db_max_tasks=-1)
+    with pytest.raises(ConfigError, match="db must be a file path or :memory:"):
+        ServerConfig(db=" ")
+
+
+async def test_no_limits_keeps_everything(tmp_path: Path) -> None:
+    async with opened(tmp_path / "h.db", retention_days=0, max_tasks=0) as store:
+        await store.task_accepted(record("ancient", created_at=ago(4000)))
+        await store.task_ended("ancient", "completed", None, None, "t")
+        await store.prune()
+        assert (await store.task_detail("ancient") or {})["status"] == "completed"
 
 
 def test_logger_name() -> None:

@@ -156,3 +156,36 @@ def test_bad_flags_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -
         main(argv)
     assert info.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_db_flags_and_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ufo_trio._cli import build_parser, config_from_args
+
+    parser = build_parser()
+    config = config_from_args(parser.parse_args(["serve"]), parser)
+    assert (config.db, config.db_retention_days, config.db_max_tasks) == (
+        "ufo_trio.db",
+        30,
+        100_000,
+    )
+    assert config.db_max_result_bytes == 1024 * 1024
+    monkeypatch.setenv("UFO_TRIO_DB", "/var/lib/ufo/h.db")
+    monkeypatch.setenv("UFO_TRIO_DB_MAX_TASKS", "0")
+    args = parser.parse_args(["serve", "--db-retention-days", "7.5"])
+    config = config_from_args(args, parser)
+    assert (config.db, config.db_retention_days, config.db_max_tasks) == (
+        "/var/lib/ufo/h.db",
+        7.5,
+        0,
+    )
+    for bad in (
+        ["--db-max-tasks", "-1"],
+        ["--db-retention-days", "inf"],
+        ["--db-max-result-bytes", "0"],
+    ):
+        with pytest.raises(SystemExit) as info:
+            main(["serve", *bad])
+        assert info.value.code == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -7,8 +7,7 @@ never waits on the disk except through a cancellable await.
 
 Interface the server calls (all on the Trio thread; times are WIRE-7 wall-clock strings)::
 
-    store = TaskStore(path, retention_days=30, max_tasks=100_000, max_result_bytes=1 << 20,
-                      online=lambda: [...OnlineClient...])
+    store = TaskStore.from_config(config, online=lambda: [...OnlineClient...])
     await server_nursery.start(store.run)          # opens, locks, migrates, recovers; StoreError
     await store.task_accepted(TaskRecord(...))     # durable: returns once committed (before ACK)
     store.task_acked(session_id, at)               # the rest only enqueue (no wait for the disk)
@@ -79,6 +78,8 @@ from ._errors import UfoTrioError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
+
+    from ._config import ServerConfig
 
 log = logging.getLogger("ufo_trio.store")
 
@@ -458,6 +459,20 @@ class TaskStore:
         self.dropped_full = 0
         self._last_full_log: float | None = None
         self.recovered = 0
+
+    @classmethod
+    def from_config(
+        cls, config: ServerConfig, *, online: Callable[[], Iterable[OnlineClient]] | None = None
+    ) -> TaskStore:
+        """The store a server with `config` uses; shutdown flushes within `shutdown_grace`."""
+        return cls(
+            config.db,
+            retention_days=config.db_retention_days,
+            max_tasks=config.db_max_tasks,
+            max_result_bytes=config.db_max_result_bytes,
+            flush_timeout=config.shutdown_grace,
+            online=online,
+        )
 
     # ------------------------------------------------------------------------- lifecycle
 
