@@ -18,6 +18,7 @@ import sys
 import textwrap
 import threading
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -470,6 +471,58 @@ async def test_a_slow_disk_never_blocks_the_event_loop(tmp_path: Path) -> None:
             await store.task_accepted(record("slow"))
             done.set()
         assert ticks > 100
+
+
+async def test_cancelling_the_owner_flushes_what_was_queued(tmp_path: Path) -> None:
+    db = tmp_path / "h.db"
+    store = TaskStore(str(db))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        await store.task_accepted(record("s"))
+        for i in range(100):
+            await store.command_sent("s", i, [{"tool_name": f"t{i}"}], "t")
+        await store.task_ended("s", "completed", None, "r", "t")
+        nursery.cancel_scope.cancel()  # like the server nursery at the end of shutdown
+    assert rows(db, "SELECT status, commands, last_tool FROM tasks") == [("completed", 100, "t99")]
+    assert rows(db, "SELECT count(*) FROM steps") == [(100,)]
+    async with opened(db):  # the lock was released
+        pass
+
+
+async def test_shutdown_flush_is_bounded_when_the_disk_hangs(
+    tmp_path: Path, mock_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    connect = faulty()
+    store = TaskStore(str(tmp_path / "h.db"), connect=connect, flush_timeout=5.0)
+    gate = threading.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            connect.cls.gate = gate
+            await store.device_seen(DeviceRecord(client_id="d", role="device", platform="x"))
+            await trio.to_thread.run_sync(connect.cls.entered.wait)
+            start = trio.current_time()
+            store.close()
+            await trio.testing.wait_all_tasks_blocked()
+            mock_clock.jump(5.0)
+        assert trio.current_time() == start + 5.0
+        assert any("did not finish within 5s" in r.getMessage() for r in caplog.records)
+        # The stuck writer still owns the file: nobody else may take it yet.
+        with pytest.raises(StoreError, match="in use"):
+            async with opened(tmp_path / "h.db"):
+                pass
+    finally:
+        gate.set()  # let the stuck thread go: it then closes its connection and the lock
+    await trio.to_thread.run_sync(partial(_wait_unlocked, tmp_path / "h.db.lock"))
+    async with opened(tmp_path / "h.db"):
+        pass
+
+
+def _wait_unlocked(lock_path: Path) -> None:
+    import fcntl
+
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # blocks (in a worker thread) until the writer let go
 
 
 # ------------------------------------------------------------------ queries

@@ -443,9 +443,15 @@ class TaskStore:
         self._started = False
         self._closing = False
         self._stopped = trio.Event()
+        # Who closes the connections and drops the lock: `run`, or a writer `run` gave up on.
+        self._handoff = threading.Lock()
+        self._writer_done = False
+        self._abandoned = False
         self._stop_requested = trio.Event()
         self._pending_ends: dict[str, _Ended] = {}
         self._pending_names: dict[str, _Ended] = {}
+        self._committed: list[_Ended] = []
+        self._reads_in_flight = 0
         # Writer-thread state (touched only by the writer thread after start).
         self._rowids: dict[str, int] = {}
         self._retry: list[tuple[Any, ...]] = []
@@ -484,7 +490,12 @@ class TaskStore:
             raise RuntimeError("TaskStore.run may be called once")
         self._started = True
         self._token = trio.lowlevel.current_trio_token()
-        await trio.to_thread.run_sync(self._open)
+        try:
+            await trio.to_thread.run_sync(self._open)
+        except trio.Cancelled:  # cancelled while opening: the open itself ran to its end
+            self._close_connections()
+            self._release_lock()
+            raise
         thread = threading.Thread(
             target=self._writer_main, name=f"ufo_trio store writer ({self.path})", daemon=True
         )
@@ -501,17 +512,19 @@ class TaskStore:
         finally:
             self._closing = True
             self._queue.put(("stop",))
-            with trio.CancelScope(shield=True), trio.move_on_after(self.flush_timeout) as scope:
+            with trio.CancelScope(shield=True), trio.move_on_after(self.flush_timeout):
                 await self._stopped.wait()
-            if scope.cancelled_caught:
-                log.error(
-                    "task store: the writer did not finish within %gs; unwritten operations lost",
-                    self.flush_timeout,
-                )
-            else:
-                # The writer thread has returned: its connection is ours to close.
-                self._close_connections()
-            self._release_lock()
+            with self._handoff:
+                if self._writer_done:
+                    self._close_connections()
+                    self._release_lock()
+                else:  # still stuck on the disk: it closes and unlocks itself if it returns
+                    self._abandoned = True
+                    log.error(
+                        "task store: the writer did not finish within %gs; "
+                        "unwritten operations lost",
+                        self.flush_timeout,
+                    )
 
     def close(self) -> None:
         """Ask `run` to flush everything queued and return (call after the sessions ended)."""
@@ -754,13 +767,21 @@ class TaskStore:
         """Runs on the Trio thread (`run_sync_soon`): wake waiters, forget committed outcomes."""
         for event in events:
             event.set()
+        # A read that is in flight may hold a snapshot from before this commit: the overlay
+        # has to outlive it, so forgetting waits until no read is in flight.
+        self._committed.extend(committed)
+        if not self._reads_in_flight:
+            self._forget_committed()
+        if room:
+            self._room.set()
+
+    def _forget_committed(self) -> None:
+        committed, self._committed = self._committed, []
         for ended in committed:
             if self._pending_ends.get(ended.session_id) is ended:
                 del self._pending_ends[ended.session_id]
             if ended.task_name is not None and self._pending_names.get(ended.task_name) is ended:
                 del self._pending_names[ended.task_name]
-        if room:
-            self._room.set()
 
     def _call_trio(self, fn: Callable[..., None], *args: Any) -> None:
         assert self._token is not None
@@ -794,6 +815,11 @@ class TaskStore:
         except BaseException:  # a bug: say so loudly, never kill the process from a thread
             log.exception("task store: writer thread crashed")
         finally:
+            with self._handoff:
+                self._writer_done = True
+                if self._abandoned:
+                    self._close_connections()
+                    self._release_lock()
             self._call_trio(self._stopped.set)
 
     def _drain(self, timeout: float | None) -> tuple[list[tuple[Any, ...]], bool]:
@@ -1069,9 +1095,28 @@ class TaskStore:
     async def _read(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self._writer is None:
             raise StoreError("task store is not open")
-        return await trio.to_thread.run_sync(
-            self._in_read_connection, fn, args, limiter=self._read_limiter, abandon_on_cancel=True
-        )
+        self._reads_in_flight += 1
+        try:
+            return await trio.to_thread.run_sync(
+                self._in_read_connection,
+                fn,
+                args,
+                limiter=self._read_limiter,
+                abandon_on_cancel=True,
+            )
+        finally:
+            self._reads_in_flight -= 1
+            # Not yet: the caller still applies the overlay to what this read returned.
+            if not self._reads_in_flight and self._committed:
+                self._token_run_soon(self._forget_if_idle)
+
+    def _token_run_soon(self, fn: Callable[[], None]) -> None:
+        assert self._token is not None
+        self._token.run_sync_soon(fn)
+
+    def _forget_if_idle(self) -> None:
+        if not self._reads_in_flight:
+            self._forget_committed()
 
     def _in_read_connection(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         if self._memory:
