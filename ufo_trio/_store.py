@@ -50,6 +50,8 @@ Policies:
 * **Sizes**: requests are cut to 64 KiB, results to `max_result_bytes` (JSON text), each with an
   explicit marker (`REQUEST_CUT_MARKER`, `{"truncated": true, ...}`).
 
+The schema, the record types and the SQL of the reads live in `_store_sql` (pure functions).
+
 `:memory:` works (the embedding/test default): no lock file, one connection shared by the writer
 and the readers under a lock.
 """
@@ -75,22 +77,41 @@ import attrs
 import trio
 
 from ._errors import UfoTrioError
+from ._store_sql import MAX_REQUEST_BYTES as MAX_REQUEST_BYTES
+from ._store_sql import (
+    MIGRATIONS,
+    cut_request,
+    device_entry,
+    dump_commands,
+    dump_results,
+    encode_result,
+    from_json,
+    last_tool,
+    select_by_name,
+    select_detail,
+    select_devices,
+    select_tasks,
+    summary,
+    to_json,
+    wall_now,
+)
+from ._store_sql import BadCursor as BadCursor
+from ._store_sql import BadQuery as BadQuery
+from ._store_sql import DeviceRecord as DeviceRecord
+from ._store_sql import OnlineClient as OnlineClient
+from ._store_sql import TaskQuery as TaskQuery
+from ._store_sql import TaskRecord as TaskRecord
+from ._store_sql import parse_task_query as parse_task_query
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping, Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
     from ._config import ServerConfig
 
 log = logging.getLogger("ufo_trio.store")
 
-SCHEMA_VERSION: Final = 1
 CRASH_ERROR: Final = "server stopped before the task ended"
 DEVICE_CRASH_REASON: Final = "server stopped"
-MAX_REQUEST_BYTES: Final = 64 * 1024
-REQUEST_CUT_MARKER: Final = "\n[ufo_trio: request cut at 65536 bytes of {size}]"
-STATUSES: Final = ("running", "completed", "failed")
-DEFAULT_LIMIT: Final = 50
-MAX_LIMIT: Final = 500
 #: Operations applied per transaction at most.
 MAX_BATCH: Final = 512
 #: Tasks deleted per pruning transaction.
@@ -100,149 +121,12 @@ ERROR_LOG_INTERVAL: Final = 60.0
 
 _TASK_OPS: Final = frozenset({"accepted", "acked", "ended"})
 
-# --------------------------------------------------------------------------------- schema
-
-#: MIGRATIONS[n] takes a database from `user_version` n to n + 1. Append, never edit.
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
-    (
-        """CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
-        """CREATE TABLE tasks (
-            id INTEGER PRIMARY KEY,
-            session_id TEXT NOT NULL,
-            task_name TEXT NOT NULL,
-            requester_id TEXT NOT NULL,
-            requester_type TEXT NOT NULL,
-            executor_id TEXT NOT NULL,
-            platform TEXT,
-            agent TEXT,
-            request TEXT NOT NULL,
-            status TEXT NOT NULL CHECK (status IN ('running', 'completed', 'failed')),
-            error TEXT,
-            result TEXT,
-            created_at TEXT NOT NULL,
-            acked_at TEXT,
-            ended_at TEXT,
-            commands INTEGER NOT NULL DEFAULT 0,
-            last_tool TEXT
-        )""",
-        "CREATE INDEX tasks_by_time ON tasks (created_at, id)",
-        "CREATE INDEX tasks_by_session ON tasks (session_id, id)",
-        "CREATE INDEX tasks_by_name ON tasks (task_name, id)",
-        "CREATE INDEX tasks_by_status ON tasks (status, created_at, id)",
-        "CREATE INDEX tasks_by_executor ON tasks (executor_id, created_at, id)",
-        "CREATE INDEX tasks_by_requester ON tasks (requester_id, created_at, id)",
-        """CREATE TABLE steps (
-            task_id INTEGER NOT NULL,
-            idx INTEGER NOT NULL,
-            sent_at TEXT NOT NULL,
-            commands TEXT NOT NULL,
-            results TEXT,
-            received_at TEXT,
-            timed_out INTEGER NOT NULL DEFAULT 0,
-            PRIMARY KEY (task_id, idx)
-        ) WITHOUT ROWID""",
-        """CREATE TABLE model_turns (
-            task_id INTEGER NOT NULL,
-            idx INTEGER NOT NULL,
-            seq INTEGER NOT NULL,
-            turn TEXT NOT NULL,
-            PRIMARY KEY (task_id, idx, seq)
-        ) WITHOUT ROWID""",
-        """CREATE TABLE devices (
-            client_id TEXT PRIMARY KEY,
-            role TEXT NOT NULL,
-            platform TEXT,
-            hostname TEXT,
-            system_info TEXT,
-            target_id TEXT,
-            first_seen TEXT NOT NULL,
-            last_seen TEXT NOT NULL,
-            last_disconnect_reason TEXT,
-            connected INTEGER NOT NULL DEFAULT 0
-        )""",
-    ),
-)
-
 
 # --------------------------------------------------------------------------------- errors
 
 
 class StoreError(UfoTrioError):
     """The database cannot be used (start-up): one line naming the file. The CLI exits 1."""
-
-
-class BadQuery(UfoTrioError, ValueError):
-    """A query parameter of /api/tasks is invalid; the message names it (HTTP 400)."""
-
-    def __init__(self, parameter: str, message: str) -> None:
-        super().__init__(message)
-        self.parameter = parameter
-
-
-class BadCursor(BadQuery):
-    """The pagination cursor was not issued by this database or was altered (HTTP 400)."""
-
-    def __init__(self) -> None:
-        super().__init__("cursor", "Invalid cursor")
-
-
-# --------------------------------------------------------------------------------- values
-
-
-def wall_now() -> str:
-    """Wall-clock UTC in the WIRE-7 format."""
-    return datetime.datetime.now(datetime.UTC).isoformat()
-
-
-@attrs.frozen(kw_only=True)
-class TaskRecord:
-    """An accepted task, written before its ACK goes out (TASK-8)."""
-
-    session_id: str
-    task_name: str
-    request: str
-    requester_id: str
-    requester_type: str
-    executor_id: str
-    platform: str | None
-    agent: str | None
-    created_at: str = attrs.field(factory=wall_now)
-
-
-@attrs.frozen(kw_only=True)
-class DeviceRecord:
-    """A client seen at registration (devices and constellations)."""
-
-    client_id: str
-    role: str
-    platform: str | None
-    system_info: dict[str, Any] | None = None
-    target_id: str | None = None
-    at: str = attrs.field(factory=wall_now)
-
-
-@attrs.frozen(kw_only=True)
-class OnlineClient:
-    """What the server knows about a client that is connected now (for GET /api/devices)."""
-
-    client_id: str
-    role: str
-    platform: str | None
-    connected_at: str | None
-    last_heartbeat: str | None
-    sessions_running: int
-    target_id: str | None = None
-    system_info: dict[str, Any] | None = None
-
-
-@attrs.frozen(kw_only=True)
-class TaskQuery:
-    status: str | None = None
-    target: str | None = None
-    requester: str | None = None
-    since: str | None = None
-    limit: int = DEFAULT_LIMIT
-    cursor: str | None = None
 
 
 @attrs.define(eq=False)
@@ -255,135 +139,6 @@ class _Ended:
     error: str | None
     result: Any
     ended_at: str
-
-
-# --------------------------------------------------------------------------------- helpers
-
-
-def parse_task_query(params: Mapping[str, str]) -> TaskQuery:
-    """Validate the query parameters of GET /api/tasks. Raises `BadQuery` (400)."""
-    status = params.get("status") or None
-    if status is not None and status not in STATUSES:
-        raise BadQuery("status", f"Invalid status: must be one of {', '.join(STATUSES)}")
-    since = params.get("since") or None
-    if since is not None:
-        try:
-            moment = datetime.datetime.fromisoformat(since)
-        except ValueError:
-            raise BadQuery("since", "Invalid since: must be an ISO 8601 timestamp") from None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=datetime.UTC)
-        since = moment.astimezone(datetime.UTC).isoformat()
-    raw_limit = params.get("limit")
-    limit = DEFAULT_LIMIT
-    if raw_limit:
-        if (
-            not raw_limit.isascii()
-            or not raw_limit.isdigit()
-            or not 1 <= int(raw_limit) <= MAX_LIMIT
-        ):
-            raise BadQuery("limit", f"Invalid limit: must be an integer from 1 to {MAX_LIMIT}")
-        limit = int(raw_limit)
-    return TaskQuery(
-        status=status,
-        target=params.get("target") or None,
-        requester=params.get("requester") or None,
-        since=since,
-        limit=limit,
-        cursor=params.get("cursor") or None,
-    )
-
-
-def cut_request(request: str) -> str:
-    data = request.encode("utf-8", "surrogatepass")
-    if len(data) <= MAX_REQUEST_BYTES:
-        return request
-    head = data[:MAX_REQUEST_BYTES].decode("utf-8", "ignore")
-    return head + REQUEST_CUT_MARKER.format(size=len(data))
-
-
-def encode_result(result: Any, limit: int) -> str | None:
-    """The result as JSON text of at most about `limit` bytes, or a truncation marker."""
-    if result is None:
-        return None
-    try:
-        text = json.dumps(result, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError, RecursionError):
-        return json.dumps({"truncated": True, "reason": "not JSON-serialisable"})
-    size = len(text.encode("utf-8", "surrogatepass"))
-    if size <= limit:
-        return text
-    preview = text.encode("utf-8", "surrogatepass")[: min(limit, 4096)].decode("utf-8", "ignore")
-    return json.dumps(
-        {"truncated": True, "bytes": size, "limit": limit, "preview": preview},
-        ensure_ascii=False,
-    )
-
-
-def _dump_commands(commands: Iterable[Any]) -> str:
-    out = []
-    for c in commands:
-        if isinstance(c, dict):
-            out.append({k: c.get(k) for k in ("tool_name", "tool_type", "parameters", "call_id")})
-        else:
-            tool_type = c.tool_type
-            out.append(
-                {
-                    "tool_name": c.tool_name,
-                    "tool_type": getattr(tool_type, "value", tool_type),
-                    "parameters": c.parameters,
-                    "call_id": c.call_id,
-                }
-            )
-    return _json(out)
-
-
-def _dump_results(results: Iterable[Any]) -> str:
-    out = []
-    for r in results:
-        if isinstance(r, dict):
-            out.append({k: r.get(k) for k in ("status", "error", "result", "call_id")})
-        else:
-            status = r.status
-            out.append(
-                {
-                    "status": getattr(status, "value", status),
-                    "error": r.error,
-                    "result": r.result,
-                    "call_id": r.call_id,
-                }
-            )
-    return _json(out)
-
-
-def _json(value: Any) -> str:
-    try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError, RecursionError):
-        return "null"
-
-
-def _loads(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
-
-
-def _last_tool(commands: Sequence[Any]) -> str | None:
-    if not commands:
-        return None
-    last = commands[-1]
-    name = last.get("tool_name") if isinstance(last, dict) else last.tool_name
-    return name if isinstance(name, str) else None
-
-
-_SUMMARY_COLUMNS: Final = (
-    "session_id, task_name, requester_id, requester_type, executor_id, platform, agent, "
-    "status, error, created_at, acked_at, ended_at, commands, last_tool"
-)
-_SUMMARY_KEYS: Final = tuple(c.strip() for c in _SUMMARY_COLUMNS.split(","))
-
-
-def _summary(row: Sequence[Any]) -> dict[str, Any]:
-    return dict(zip(_SUMMARY_KEYS, row, strict=False))
 
 
 # --------------------------------------------------------------------------------- the store
@@ -960,11 +715,11 @@ class TaskStore:
                 conn.execute(
                     "INSERT OR REPLACE INTO steps (task_id, idx, sent_at, commands) "
                     "VALUES (?, ?, ?, ?)",
-                    (task_id, index, at, _dump_commands(commands)),
+                    (task_id, index, at, dump_commands(commands)),
                 )
                 conn.execute(
                     "UPDATE tasks SET commands = commands + 1, last_tool = ? WHERE id = ?",
-                    (_last_tool(commands), task_id),
+                    (last_tool(commands), task_id),
                 )
         elif kind == "results":
             _, session_id, index, results, at = op
@@ -974,7 +729,7 @@ class TaskStore:
                     "UPDATE steps SET results = ?, received_at = ?, timed_out = ? "
                     "WHERE task_id = ? AND idx = ?",
                     (
-                        None if results is None else _dump_results(results),
+                        None if results is None else dump_results(results),
                         None if results is None else at,
                         int(results is None),
                         task_id,
@@ -988,7 +743,7 @@ class TaskStore:
                 conn.execute(
                     "INSERT INTO model_turns (task_id, idx, seq, turn) VALUES (?, ?, "
                     "(SELECT count(*) FROM model_turns WHERE task_id = ? AND idx = ?), ?)",
-                    (task_id, index, task_id, index, _json(turn)),
+                    (task_id, index, task_id, index, to_json(turn)),
                 )
         elif kind == "ended":
             e: _Ended = op[1]
@@ -1021,7 +776,7 @@ class TaskStore:
                     d.role,
                     d.platform,
                     hostname if isinstance(hostname, str) else None,
-                    None if info is None else _json(info),
+                    None if info is None else to_json(info),
                     d.target_id,
                     d.at,
                     d.at,
@@ -1161,10 +916,10 @@ class TaskStore:
     async def list_tasks(self, query: TaskQuery) -> dict[str, Any]:
         """GET /api/tasks: `{"tasks": [TaskSummary...], "next_cursor": str | None}`."""
         after = self._decode_cursor(query.cursor) if query.cursor else None
-        rows: list[tuple[Any, ...]] = await self._read(_select_tasks, query, after)
+        rows: list[tuple[Any, ...]] = await self._read(select_tasks, query, after)
         more = len(rows) > query.limit
         rows = rows[: query.limit]
-        tasks = [self._overlay(_summary(row[1:])) for row in rows]
+        tasks = [self._overlay(summary(row[1:])) for row in rows]
         next_cursor = None
         if more:
             last = rows[-1]
@@ -1173,14 +928,14 @@ class TaskStore:
 
     async def task_detail(self, session_id: str) -> dict[str, Any] | None:
         """GET /api/tasks/{session_id}: summary + request, result, steps; None if unknown."""
-        detail: dict[str, Any] | None = await self._read(_select_detail, session_id)
+        detail: dict[str, Any] | None = await self._read(select_detail, session_id)
         if detail is None:
             return None
         return self._overlay(detail)
 
     async def task_result(self, task_name: str) -> dict[str, Any]:
         """RES-1/HTTP-4 for an already sanitised name: pending / done / failed."""
-        row: dict[str, Any] | None = await self._read(_select_by_name, task_name)
+        row: dict[str, Any] | None = await self._read(select_by_name, task_name)
         if row is None:
             ended = self._pending_names.get(task_name)
             if ended is None:
@@ -1201,19 +956,19 @@ class TaskStore:
             if ended is not None:
                 row.update(status=ended.status, error=ended.error, ended_at=ended.ended_at)
                 if "result" in row:
-                    row["result"] = _loads(encode_result(ended.result, self.max_result_bytes))
+                    row["result"] = from_json(encode_result(ended.result, self.max_result_bytes))
         return row
 
     async def devices(self) -> dict[str, Any]:
         """GET /api/devices: every client ever seen, online first, then by last_seen desc."""
         online = {c.client_id: c for c in self._online()}  # on the Trio thread
-        rows: list[dict[str, Any]] = await self._read(_select_devices)
+        rows: list[dict[str, Any]] = await self._read(select_devices)
         now = wall_now()
         out: list[dict[str, Any]] = []
         seen: set[str] = set()
         for row in rows:
             seen.add(row["client_id"])
-            out.append(_device(row, online.get(row["client_id"]), now))
+            out.append(device_entry(row, online.get(row["client_id"]), now))
         for client in online.values():
             if client.client_id not in seen:  # registered, sighting not yet committed
                 info = client.system_info
@@ -1228,7 +983,7 @@ class TaskStore:
                     "last_seen": now,
                     "last_disconnect_reason": None,
                 }
-                out.append(_device(row, client, now))
+                out.append(device_entry(row, client, now))
         out.sort(key=lambda d: str(d["last_seen"] or ""), reverse=True)
         out.sort(key=lambda d: not d["online"])  # stable: online first, each by last_seen
         return {"devices": out}
@@ -1244,108 +999,3 @@ def _op_subject(op: tuple[Any, ...]) -> str:
 
 def _events(batch: Iterable[tuple[Any, ...]]) -> list[trio.Event]:
     return [op[-1] for op in batch if isinstance(op[-1], trio.Event)]
-
-
-def _device(row: dict[str, Any], client: OnlineClient | None, now: str) -> dict[str, Any]:
-    online = client is not None
-    return {
-        "client_id": row["client_id"],
-        "role": client.role if client else row["role"],
-        "platform": client.platform if client else row["platform"],
-        "hostname": row["hostname"],
-        "online": online,
-        "connected_at": client.connected_at if client else None,
-        "last_heartbeat": client.last_heartbeat if client else None,
-        "sessions_running": client.sessions_running if client else 0,
-        "target_id": client.target_id if client else row["target_id"],
-        "first_seen": row["first_seen"],
-        "last_seen": now if online else row["last_seen"],
-        "last_disconnect_reason": None if online else row["last_disconnect_reason"],
-    }
-
-
-def _select_tasks(
-    conn: sqlite3.Connection, query: TaskQuery, after: tuple[str, int] | None
-) -> list[tuple[Any, ...]]:
-    # Only constant fragments are joined; every value is a bound parameter.
-    where: list[str] = []
-    params: list[Any] = []
-    if query.status is not None:
-        where.append("status = ?")
-        params.append(query.status)
-    if query.target is not None:
-        where.append("executor_id = ?")
-        params.append(query.target)
-    if query.requester is not None:
-        where.append("requester_id = ?")
-        params.append(query.requester)
-    if query.since is not None:
-        where.append("created_at >= ?")
-        params.append(query.since)
-    if after is not None:
-        where.append("(created_at, id) < (?, ?)")
-        params.extend(after)
-    sql = f"SELECT id, {_SUMMARY_COLUMNS} FROM tasks"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
-    params.append(query.limit + 1)
-    return conn.execute(sql, params).fetchall()
-
-
-def _select_detail(conn: sqlite3.Connection, session_id: str) -> dict[str, Any] | None:
-    row = conn.execute(
-        f"SELECT id, request, result, {_SUMMARY_COLUMNS} FROM tasks WHERE session_id = ? "
-        "ORDER BY id DESC LIMIT 1",
-        (session_id,),
-    ).fetchone()
-    if row is None:
-        return None
-    task_id, request, result = row[0], row[1], row[2]
-    detail = _summary(row[3:])
-    detail["request"] = request
-    detail["result"] = _loads(result)
-    steps = [
-        {
-            "index": idx,
-            "sent_at": sent_at,
-            "commands": _loads(commands),
-            "results": _loads(results),
-            "received_at": received_at,
-            "timed_out": bool(timed_out),
-        }
-        for idx, sent_at, commands, results, received_at, timed_out in conn.execute(
-            "SELECT idx, sent_at, commands, results, received_at, timed_out FROM steps "
-            "WHERE task_id = ? ORDER BY idx",
-            (task_id,),
-        )
-    ]
-    by_index = {step["index"]: step for step in steps}
-    for idx, turn in conn.execute(
-        "SELECT idx, turn FROM model_turns WHERE task_id = ? ORDER BY idx, seq", (task_id,)
-    ):
-        step = by_index.get(idx) or (steps[-1] if steps else None)
-        if step is not None:
-            step.setdefault("model_turns", []).append(_loads(turn))
-    detail["steps"] = steps
-    return detail
-
-
-def _select_by_name(conn: sqlite3.Connection, task_name: str) -> dict[str, Any] | None:
-    row = conn.execute(
-        "SELECT session_id, status, error, result FROM tasks WHERE task_name = ? "
-        "ORDER BY id DESC LIMIT 1",
-        (task_name,),
-    ).fetchone()
-    if row is None:
-        return None
-    return {"session_id": row[0], "status": row[1], "error": row[2], "result": _loads(row[3])}
-
-
-def _select_devices(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    cursor = conn.execute(
-        "SELECT client_id, role, platform, hostname, target_id, first_seen, last_seen, "
-        "last_disconnect_reason FROM devices ORDER BY last_seen DESC"
-    )
-    keys = [d[0] for d in cursor.description]
-    return [dict(zip(keys, row, strict=True)) for row in cursor]
