@@ -36,6 +36,7 @@ from ufo_trio._store import (
     DeviceRecord,
     OnlineClient,
     StoreError,
+    StoreUnavailable,
     TaskQuery,
     TaskRecord,
     TaskStore,
@@ -320,6 +321,7 @@ class FaultyConnection(sqlite3.Connection):
     """A real connection whose writes fail or stall on demand (disk full, slow disk)."""
 
     fail: bool = False
+    fail_reads: bool = False
     fail_message = "database or disk is full"
     delay: float = 0.0
     gate: threading.Event | None = None
@@ -337,6 +339,8 @@ class FaultyConnection(sqlite3.Connection):
             if cls.fail:
                 raise sqlite3.OperationalError(cls.fail_message)
             cls.writes += 1
+        if sql.startswith("SELECT") and type(self).fail_reads:
+            raise sqlite3.OperationalError("disk I/O error")
         return super().execute(sql, *args)
 
 
@@ -523,6 +527,24 @@ def _wait_unlocked(lock_path: Path) -> None:
 
     with open(lock_path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # blocks (in a worker thread) until the writer let go
+
+
+async def test_a_failing_read_is_store_unavailable(tmp_path: Path) -> None:
+    connect = faulty()
+    async with opened(tmp_path / "h.db", connect=connect) as store:
+        await store.task_accepted(record("s", "n"))
+        connect.cls.fail_reads = True
+        for call in (
+            partial(store.task_result, "n"),
+            partial(store.task_detail, "s"),
+            store.devices,
+        ):
+            with pytest.raises(StoreUnavailable, match=r"^Task history is not available$"):
+                await call()
+        connect.cls.fail_reads = False
+        assert await store.task_result("n") == {"status": "pending"}  # and it recovers
+    with pytest.raises(StoreUnavailable):
+        await store.list_tasks(TaskQuery())  # closed
 
 
 # ------------------------------------------------------------------ queries

@@ -14,9 +14,11 @@ Interface the server calls (all on the Trio thread; times are WIRE-7 wall-clock 
     await store.command_sent(session_id, index, commands, at)
     await store.results_received(session_id, index, results_or_None_on_timeout, at)
     await store.model_turn(session_id, index, turn)   # optional; the caller redacts secrets
-    await store.task_ended(session_id, status, error, result, at)
+    await store.task_ended(session_id, status, error, result, at, task_name=name)  # never dropped
     await store.device_seen(DeviceRecord(...))
     await store.device_gone(client_id, reason, at)
+    await store.flush()                            # wait until everything queued is committed
+    await store.prune()                            # apply retention now
     store.close()                                  # after the sessions ended: flush and stop
 
     parse_task_query(params) -> TaskQuery          # BadQuery / BadCursor → HTTP 400
@@ -24,6 +26,7 @@ Interface the server calls (all on the Trio thread; times are WIRE-7 wall-clock 
     await store.task_detail(session_id)            # GET /api/tasks/{session_id}; None → 404
     await store.devices()                          # GET /api/devices
     await store.task_result(name)                  # GET /api/task_result/{name} (RES-1, HTTP-4)
+                                                   # reads raise StoreUnavailable → HTTP 503
 
 Policies:
 
@@ -47,6 +50,7 @@ Policies:
 * **Retention**: the writer prunes ended tasks older than `retention_days` and the oldest beyond
   `max_tasks`, 500 per transaction, between batches of writes; at start, every
   `prune_interval` seconds and every 1000 new tasks. Never VACUUM.
+* **Reads** fail with `StoreUnavailable` (HTTP 503) when SQLite fails or the store is closed.
 * **Sizes**: requests are cut to 64 KiB, results to `max_result_bytes` (JSON text), each with an
   explicit marker (`REQUEST_CUT_MARKER`, `{"truncated": true, ...}`).
 
@@ -127,6 +131,10 @@ _TASK_OPS: Final = frozenset({"accepted", "acked", "ended"})
 
 class StoreError(UfoTrioError):
     """The database cannot be used (start-up): one line naming the file. The CLI exits 1."""
+
+
+class StoreUnavailable(UfoTrioError):
+    """A read failed (the database is not open, or SQLite failed); the HTTP answer is 503."""
 
 
 @attrs.define(eq=False)
@@ -848,8 +856,9 @@ class TaskStore:
     # ------------------------------------------------------------------------- reading
 
     async def _read(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(connection, *args)` in a worker thread. Raises `StoreUnavailable` (→ 503)."""
         if self._writer is None:
-            raise StoreError("task store is not open")
+            raise StoreUnavailable("Task history is not available")
         self._reads_in_flight += 1
         try:
             return await trio.to_thread.run_sync(
@@ -859,6 +868,9 @@ class TaskStore:
                 limiter=self._read_limiter,
                 abandon_on_cancel=True,
             )
+        except sqlite3.Error as exc:
+            log.warning("task store: reading %s failed: %s", self.path, exc)
+            raise StoreUnavailable("Task history is not available") from None
         finally:
             self._reads_in_flight -= 1
             # Not yet: the caller still applies the overlay to what this read returned.
