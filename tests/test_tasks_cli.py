@@ -189,3 +189,23 @@ def test_db_flags_and_environment(
             main(["serve", *bad])
         assert info.value.code == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_an_unusable_database_at_start_is_one_line_and_exit_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import ufo_trio._cli as cli
+    from ufo_trio._store import StoreError
+
+    async def refused(config: Any, *, task_status: Any = None) -> None:
+        raise StoreError(f"database {config.db} has schema version 9, newer than this ufo_trio")
+
+    # Until the server opens the store itself (phase 2), stand in for it: what matters here is
+    # the CLI's answer to a StoreError raised while the server starts.
+    monkeypatch.setattr(cli, "serve", refused)
+    assert main(["serve", "--db", "/tmp/x.db", "--port", "0"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == (
+        "ufo-trio: error: database /tmp/x.db has schema version 9, newer than this ufo_trio\n"
+    )
+    assert captured.out == ""

@@ -33,6 +33,7 @@ from ._config import (
 )
 from ._errors import ConfigError
 from ._server import Server, serve
+from ._store import StoreError
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -207,6 +208,9 @@ async def _serve_until_signalled(config: ServerConfig) -> int:
             except ConfigError as exc:
                 print(f"{PROG}: error: {exc}", file=sys.stderr)
                 return 2
+            except StoreError as exc:  # the task database cannot be used (issue 11)
+                print(f"{PROG}: error: {exc}", file=sys.stderr)
+                return 1
             print(_startup_line(server), flush=True)
             # Everything imported so far lives as long as the process: keep it out of every
             # future garbage collection pass (they otherwise rescan it on each full collection).
