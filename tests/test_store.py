@@ -547,6 +547,26 @@ async def test_a_failing_read_is_store_unavailable(tmp_path: Path) -> None:
         await store.list_tasks(TaskQuery())  # closed
 
 
+async def test_one_bad_record_is_skipped_and_logged_never_stopping_the_writer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with opened(tmp_path / "h.db") as store:
+        await store.task_accepted(record("bad", request=None))  # type: ignore[arg-type]
+        await store.command_sent("nobody", 0, [object()], "t")  # no such task: nothing to do
+        await store.task_accepted(record("good"))
+        await store.command_sent("good", 0, [object()], "t")  # not a Command
+        await store.task_ended("good", "completed", None, "ok", "t")
+        await store.flush()
+        assert await store.task_detail("bad") is None
+        detail = await store.task_detail("good")
+        assert store.skipped == 2
+    assert detail is not None
+    assert (detail["status"], detail["result"], detail["steps"]) == ("completed", "ok", [])
+    skips = [r.getMessage() for r in caplog.records if "not stored" in r.getMessage()]
+    assert len(skips) == 1  # once a minute
+    assert skips[0].startswith("task store: accepted for bad not stored (AttributeError")
+
+
 # ------------------------------------------------------------------ queries
 
 

@@ -220,6 +220,8 @@ class TaskStore:
         self._retry: list[tuple[Any, ...]] = []
         self._dropped = 0
         self._last_error_log: float | None = None
+        self._last_skip_log: float | None = None
+        self.skipped = 0
         self._failing = False
         self._prune_more = False
         self._prune_waiters: list[trio.Event] = []
@@ -576,7 +578,8 @@ class TaskStore:
                     len(self._retry),
                 )
         except BaseException:  # a bug: say so loudly, never kill the process from a thread
-            log.exception("task store: writer thread crashed")
+            self._closing = True  # later writes are refused at once instead of piling up
+            log.exception("task store: writer thread crashed; history is no longer written")
         finally:
             with self._handoff:
                 self._writer_done = True
@@ -627,7 +630,12 @@ class TaskStore:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     for op in batch:
-                        self._apply(conn, op, new_rowids, ended)
+                        try:
+                            self._apply(conn, op, new_rowids, ended)
+                        except Exception as exc:
+                            if _is_disk_error(exc):
+                                raise
+                            self._skipped(op, exc)  # one bad record never blocks the others
                     conn.execute("COMMIT")
                 except BaseException:
                     with contextlib.suppress(sqlite3.Error):
@@ -647,6 +655,20 @@ class TaskStore:
         if self._inserted_since_prune >= 1000:
             self._inserted_since_prune = 0
             self._prune_more = True
+
+    def _skipped(self, op: tuple[Any, ...], exc: Exception) -> None:
+        self.skipped += 1
+        now = self._monotonic()
+        if self._last_skip_log is None or now - self._last_skip_log >= ERROR_LOG_INTERVAL:
+            self._last_skip_log = now
+            log.error(
+                "task store: %s for %s not stored (%s: %s); %d record(s) skipped so far",
+                op[0],
+                _op_subject(op),
+                type(exc).__name__,
+                str(exc)[:200],
+                self.skipped,
+            )
 
     def _failed(self, batch: list[tuple[Any, ...]], exc: sqlite3.Error) -> None:
         self._failing = True
@@ -1007,6 +1029,13 @@ class TaskStore:
 def _op_subject(op: tuple[Any, ...]) -> str:
     subject = op[1] if len(op) > 1 else ""
     return str(getattr(subject, "session_id", getattr(subject, "client_id", subject)))[:80]
+
+
+def _is_disk_error(exc: BaseException) -> bool:
+    """SQLite failed as a whole (I/O, full, locked, corrupt), not because of one record."""
+    return isinstance(exc, sqlite3.OperationalError | sqlite3.InternalError) or (
+        type(exc) is sqlite3.DatabaseError
+    )
 
 
 def _events(batch: Iterable[tuple[Any, ...]]) -> list[trio.Event]:
