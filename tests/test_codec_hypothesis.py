@@ -14,6 +14,7 @@ import json
 import re
 from typing import Any
 
+from blackbox_helpers import KEYS, TIMESTAMP
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -40,11 +41,6 @@ STRING_FIELDS = [
     "prev_response_id", "error",
 ]  # fmt: skip
 KNOWN = {"type", "status", "client_type", "action_results", "metadata", *STRING_FIELDS}
-KEYS = [
-    "type", "status", "user_request", "agent_name", "process_name", "root_name", "actions",
-    "messages", "error", "session_id", "task_name", "timestamp", "response_id", "result",
-]  # fmt: skip
-TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?\+00:00")
 INVALID = "Invalid message: "
 UNKNOWN = "Unknown message type: "
 MARKER = "\u27e6"  # never part of a server-written error text
@@ -280,7 +276,7 @@ def test_encode_server_message_shape_wire3_wire5_wire7(msg: ServerMessage) -> No
     text.encode("utf-8")
     frame = json.loads(text)
     assert text == json.dumps(frame, separators=(",", ":"))
-    assert list(frame) == KEYS + list(msg.extra or {})
+    assert list(frame) == [*KEYS, *(msg.extra or {})]
     assert frame["type"] == msg.type.value
     assert frame["status"] == msg.status.value
     assert frame["messages"] is None

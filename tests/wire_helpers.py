@@ -26,6 +26,7 @@ import attrs
 import h11
 import trio
 import trio.testing
+from blackbox_helpers import KEYS, WAIT
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -45,10 +46,6 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from ufo_trio._server import Server
-
-#: Bound on any single wait in these helpers; a hang fails the test instead of the run.
-WAIT = 10.0
-
 
 # ----------------------------------------------------------------------------------------- HTTP
 
@@ -536,10 +533,6 @@ async def wait_quiescent(server: Server, within: float = WAIT) -> None:
         await trio.testing.wait_all_tasks_blocked()
 
 
-FRAME_KEYS = (
-    "type", "status", "user_request", "agent_name", "process_name", "root_name", "actions",
-    "messages", "error", "session_id", "task_name", "timestamp", "response_id", "result",
-)  # fmt: skip
 SERVER_TYPES = {
     "task", "heartbeat", "task_end", "command", "error", "device_info_request",
     "device_info_response",
@@ -549,7 +542,7 @@ STATUSES = {"continue", "completed", "failed", "ok", "error"}
 
 def assert_server_frame(frame: dict[str, Any]) -> None:
     """WIRE-3: all 14 keys in order, then extras; valid `type` and `status` (COMPAT-4)."""
-    assert tuple(frame)[: len(FRAME_KEYS)] == FRAME_KEYS, frame
+    assert tuple(frame)[: len(KEYS)] == KEYS, frame
     assert frame["type"] in SERVER_TYPES, frame
     assert frame["status"] in STATUSES, frame
     assert isinstance(frame["timestamp"], str), frame
