@@ -17,6 +17,12 @@ KEYS = (
     "type", "status", "user_request", "agent_name", "process_name", "root_name", "actions",
     "messages", "error", "session_id", "task_name", "timestamp", "response_id", "result",
 )  # fmt: skip
+#: PROTOCOL.md §1: the client message types and the statuses (the fuzzers' vocabulary).
+CLIENT_TYPES = (
+    "task", "heartbeat", "command_results", "error", "register", "task_end",
+    "device_info_request", "device_info_response",
+)  # fmt: skip
+STATUSES = ("continue", "completed", "failed", "ok", "error")
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?\+00:00")
 
 

@@ -14,7 +14,7 @@ import json
 import re
 from typing import Any
 
-from blackbox_helpers import KEYS, TIMESTAMP
+from blackbox_helpers import CLIENT_TYPES, KEYS, STATUSES, TIMESTAMP
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -30,11 +30,6 @@ from ufo_trio._messages import (
     ToolType,
 )
 
-CLIENT_TYPES = [
-    "task", "heartbeat", "command_results", "error", "register", "task_end",
-    "device_info_request", "device_info_response",
-]  # fmt: skip
-STATUSES = ["continue", "completed", "failed", "ok", "error"]
 RESULT_STATUSES = ["success", "failure", "skipped", "none"]
 STRING_FIELDS = [
     "session_id", "task_name", "client_id", "target_id", "request", "timestamp", "request_id",

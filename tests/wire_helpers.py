@@ -27,7 +27,7 @@ import attrs
 import h11
 import trio
 import trio.testing
-from blackbox_helpers import KEYS, WAIT
+from blackbox_helpers import KEYS, STATUSES, WAIT
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -578,7 +578,6 @@ SERVER_TYPES = {
     "task", "heartbeat", "task_end", "command", "error", "device_info_request",
     "device_info_response",
 }  # fmt: skip
-STATUSES = {"continue", "completed", "failed", "ok", "error"}
 
 
 def assert_server_frame(frame: dict[str, Any]) -> None:
