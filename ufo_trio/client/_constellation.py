@@ -30,7 +30,7 @@ from ._errors import ConnectionLost, DeviceNotFound, RequestRejected, RequestTim
 from ._link import Link, check_url, open_link, redact
 from ._outcome import TaskOutcome
 from ._plan import Plan
-from ._util import single_error
+from ._util import raise_single_error
 from ._wire import (
     ServerFrame,
     device_info_request_frame,
@@ -332,7 +332,4 @@ async def open_constellation(
                 finally:
                     nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        error = single_error(group)
-        if error is None:
-            raise
-        raise error from None
+        raise_single_error(group)

@@ -38,7 +38,7 @@ from ._errors import (
 )
 from ._link import Link, check_url, open_link, redact
 from ._tools import ToolContext, ToolRegistry
-from ._util import single_error
+from ._util import raise_single_error
 from ._wire import (
     Command,
     ServerFrame,
@@ -390,10 +390,7 @@ async def open_device(
             finally:
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        error = single_error(group)
-        if error is None:
-            raise
-        raise error from None
+        raise_single_error(group)
 
 
 async def run_device(url: str, client_id: str, **options: Any) -> None:

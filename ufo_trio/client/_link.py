@@ -25,7 +25,7 @@ from ._errors import (
     ProtocolViolation,
     RegistrationRefused,
 )
-from ._util import single_error
+from ._util import raise_single_error
 from ._wire import FrameError, ServerFrame, encode, parse_server_frame
 
 if TYPE_CHECKING:
@@ -263,8 +263,13 @@ def _os_reason(exc: OSError) -> str:
     return reason
 
 
-def _rejection(exc: BaseException, shown: str) -> ConnectFailed:
-    status = getattr(exc, "status_code", 0)
+def _rejection(exc: BaseException, shown: str) -> BaseException:
+    """The `ConnectFailed` that *exc* means if it is a refused handshake, else *exc* itself."""
+    from trio_websocket import ConnectionRejected
+
+    if not isinstance(exc, ConnectionRejected):
+        return exc
+    status = exc.status_code
     if status == 403:
         return AuthenticationFailed(
             f"{shown} refused the connection (HTTP 403): the API key is wrong or missing "
@@ -300,8 +305,6 @@ async def open_link(
     # We open the TCP stream ourselves (rather than trio-websocket's open_websocket_url) so
     # that it is closed on every path: trio-websocket leaves the socket of a rejected
     # handshake open.
-    from trio_websocket import ConnectionRejected
-
     check_url(url)
     shown = redact(url)
     host, port, host_header, target, tls = _endpoint(with_token(url, api_key))
@@ -354,12 +357,8 @@ async def open_link(
                 await link.close()
                 reader_scope.cancel()
     except BaseExceptionGroup as group:
-        error = single_error(group)
-        if error is None:
-            raise
-        if not opened and isinstance(error, ConnectionRejected):
-            raise _rejection(error, shown) from None
-        raise error from None
+        # Before the verdict, trio-websocket's refusal of the handshake means a failed connect.
+        raise_single_error(group, None if opened else lambda error: _rejection(error, shown))
     finally:
         with trio.CancelScope(shield=True):
             await trio.aclose_forcefully(stream)
