@@ -32,6 +32,7 @@ from ._errors import ProtocolViolation as ProtocolViolation
 from ._errors import RegistrationRefused as RegistrationRefused
 from ._errors import RequestRejected as RequestRejected
 from ._errors import RequestTimeout as RequestTimeout
+from ._errors import TLSError as TLSError
 from ._http import ApiUnavailable as ApiUnavailable
 from ._http import list_clients as list_clients
 from ._outcome import TaskOutcome as TaskOutcome
@@ -65,6 +66,7 @@ __all__ = [
     "RequestRejected",
     "RequestTimeout",
     "StepResult",
+    "TLSError",
     "TaskOutcome",
     "Tool",
     "ToolContext",

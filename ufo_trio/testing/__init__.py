@@ -16,6 +16,7 @@ import trio_websocket
 
 from .._config import ServerConfig
 from .._server import Server, build_server, serve
+from .._tls import load_tls
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -131,7 +132,11 @@ async def open_memory_server(
     config: ServerConfig | None = None, **overrides: Any
 ) -> AsyncIterator[MemoryServer]:
     """Run a server whose clients connect through `MemoryServer.connect`."""
-    server = build_server(_config(config, overrides))
+    config = _config(config, overrides)
+    tls = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        tls = await load_tls(config.tls_cert, config.tls_key)
+    server = build_server(config, tls=tls)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run, [])
         try:
