@@ -60,9 +60,10 @@ def server_context(cert: str, key: str) -> ssl.SSLContext:
 
 def _ssl_reason(exc: ssl.SSLError) -> str:
     reason = exc.reason or ""
-    if "KEY_VALUES_MISMATCH" in reason:
+    text = f"{reason} {exc}"
+    if "KEY_VALUES_MISMATCH" in text:
         return "the key does not belong to the certificate"
-    if reason in ("PEM_LIB", "NO_START_LINE", "NO_CERTIFICATE_OR_CRL_FOUND") or "PEM" in reason:
+    if "PEM" in text:
         return "not a PEM certificate and private key"
     return reason.lower().replace("_", " ") or str(exc)
 
