@@ -252,21 +252,25 @@ async def test_device_does_not_retry_a_refused_certificate(
     wrong = Pair(tmp_path, "wrong", ca, ca.issue_cert("example.org"))
     async with open_server(**pair.config()) as server:
         assert server.tls is not None
-        with trio.fail_after(WAIT):
-            with pytest.raises(TLSError, match="mismatch"):
-                async with open_device(
-                    server.url, "dev-1", api_key=TEST_KEY, ssl_context=pair.context()
-                ) as device:
-                    # The same files now hold a certificate for another host name.
-                    pair.cert.write_bytes(wrong.cert.read_bytes())
-                    pair.key.write_bytes(wrong.key.read_bytes())
-                    assert await server.tls.reload()
-                    # The live connection is untouched by the reload.
-                    assert server.registry.online_ids() == ["dev-1"]
-                    await device.wait_registered(1)
-                    for conn in list(server.connections):
-                        conn.close(1001, "bye")
-                    await trio.sleep_forever()
+        tls = server.tls
+
+        async def run_device() -> None:
+            async with open_device(
+                server.url, "dev-1", api_key=TEST_KEY, ssl_context=pair.context()
+            ) as device:
+                # The same files now hold a certificate for another host name.
+                pair.cert.write_bytes(wrong.cert.read_bytes())
+                pair.key.write_bytes(wrong.key.read_bytes())
+                assert await tls.reload()
+                # The live connection is untouched by the reload.
+                assert server.registry.online_ids() == ["dev-1"]
+                await device.wait_registered(1)
+                for conn in list(server.connections):
+                    conn.close(1001, "bye")
+                await trio.sleep_forever()
+
+        with trio.fail_after(WAIT), pytest.raises(TLSError, match="mismatch"):
+            await run_device()
     failed = [r for r in caplog.records if "TLS handshake failed" in r.message]
     assert len(failed) == 1
 
@@ -351,7 +355,8 @@ async def test_bad_tls_flags_exit_2_with_one_line(pair: Pair, tmp_path: Path) ->
         result = await run_to_exit(*args)
         err = result.stderr.decode()
         assert result.returncode == 2, err
-        assert err.count("\n") == 1 and text in err, err
+        assert err.count("\n") == 1, err
+        assert text in err, err
         assert "Traceback" not in err
         assert b"listening" not in result.stdout
 
@@ -370,7 +375,8 @@ async def test_client_cli_ca_and_insecure(
         code = await trio.to_thread.run_sync(run_cli, base)
         err = capsys.readouterr().err
         assert code == 1
-        assert err.count("\n") == 1 and "certificate was refused" in err, err
+        assert err.count("\n") == 1, err
+        assert "certificate was refused" in err, err
         for _ in range(2):
             code = await trio.to_thread.run_sync(run_cli, [*base, "--insecure"])
             captured = capsys.readouterr()
@@ -396,7 +402,7 @@ async def peer_serial(port: int, context: ssl.SSLContext) -> int:
 
 async def wait_for_log(path: Path, text: str, count: int) -> None:
     with trio.fail_after(WAIT):
-        while path.read_text().count(text) < count:
+        while (await trio.Path(path).read_text()).count(text) < count:
             await trio.sleep(0.05)
 
 
