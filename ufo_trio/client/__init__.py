@@ -41,6 +41,7 @@ from ._plan import Plan as Plan
 from ._plan import StepResult as StepResult
 from ._plan import load_plan as load_plan
 from ._plan import parse_plan as parse_plan
+from ._tls import client_context as client_context
 from ._tools import Tool as Tool
 from ._tools import ToolContext as ToolContext
 from ._tools import ToolError as ToolError
@@ -73,6 +74,7 @@ __all__ = [
     "ToolError",
     "ToolRegistry",
     "ToolResult",
+    "client_context",
     "collect_system_info",
     "default_tools",
     "format_outcome",
