@@ -26,6 +26,7 @@ from ufo_trio import ConfigError, ServerConfig
 from ufo_trio._tls import server_context
 from ufo_trio.client import (
     Command,
+    ConnectFailed,
     Plan,
     TLSError,
     list_clients,
@@ -273,6 +274,28 @@ async def test_device_does_not_retry_a_refused_certificate(
             await run_device()
     failed = [r for r in caplog.records if "TLS handshake failed" in r.message]
     assert len(failed) == 1
+
+
+async def test_connection_cap_with_tls_closes_without_plain_text(
+    pair: Pair, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Over --max-connections a TLS port closes before the handshake (a plain-text 503 would
+    read as a TLS failure); the SDK reports a retryable ConnectFailed, not a TLSError."""
+    caplog.set_level(logging.INFO, logger="ufo_trio")
+    async with open_server(**pair.config(max_connections=1)) as server:
+        with trio.fail_after(WAIT):
+            holder = await trio.open_tcp_stream("127.0.0.1", server.port)
+            async with holder:
+                while server.open_streams < 1:
+                    await trio.sleep(0.01)
+                with pytest.raises(ConnectFailed) as refused:
+                    async with open_device(
+                        server.url, "dev-1", api_key=TEST_KEY, ssl_context=pair.context()
+                    ):
+                        pass
+    assert not isinstance(refused.value, TLSError)
+    assert str(refused.value).endswith("the server closed the connection during the TLS handshake")
+    assert any("limit max-connections reached (1)" in r.message for r in caplog.records)
 
 
 # ------------------------------------------------------------------------------- LIM-2

@@ -195,6 +195,9 @@ async def handle_stream(server: Server, stream: trio.abc.Stream) -> None:
     counted = False
     try:
         if config.max_connections and server.open_streams >= config.max_connections:
+            if server.tls is not None:  # a plain-text 503 would read as a TLS failure: just close
+                log_refusal(remote, "max-connections", str(config.max_connections))
+                return
             await refuse_connection(stream, remote, config.max_connections)
             return
         server.open_streams += 1

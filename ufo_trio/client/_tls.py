@@ -11,7 +11,7 @@ import ssl
 
 import trio
 
-from ._errors import TLSError
+from ._errors import ConnectFailed, TLSError
 
 
 def client_context(cafile: str | None = None, *, insecure: bool = False) -> ssl.SSLContext:
@@ -37,7 +37,8 @@ async def handshake(
 ) -> None:
     """Complete the TLS handshake on *stream*; `TLSError` (one line) if it fails.
 
-    Any other failure (the peer vanished) comes out as `trio.BrokenResourceError`.
+    The server hanging up mid-handshake is a (retryable) `ConnectFailed`; any other failure
+    comes out as `trio.BrokenResourceError`.
     """
     try:
         await stream.do_handshake()
@@ -51,6 +52,12 @@ async def handshake(
             raise TLSError(
                 f"cannot connect to {shown}: the server's TLS certificate was refused: "
                 f"{detail.rstrip('.')}{hint}"
+            ) from None
+        if isinstance(error, ssl.SSLEOFError):
+            # The server hung up mid-handshake (e.g. at its connection cap): worth a retry.
+            raise ConnectFailed(
+                f"cannot connect to {shown}: the server closed the connection during the "
+                "TLS handshake"
             ) from None
         if isinstance(error, ssl.SSLError):
             raise TLSError(
