@@ -345,11 +345,11 @@ def serve_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "ufo_trio", "--port", "0", "--api-key", "K", *args]
 
 
-async def run_to_exit(*args: str) -> subprocess.CompletedProcess[bytes]:
+async def run_to_exit(*args: str, **env: str) -> subprocess.CompletedProcess[bytes]:
     with trio.fail_after(WAIT):
         result: subprocess.CompletedProcess[bytes] = await trio.run_process(
             serve_cmd(*args), capture_stdout=True, capture_stderr=True, check=False,
-            env=clean_env(),
+            env=clean_env(**env),
         )
     return result
 
@@ -374,8 +374,15 @@ async def test_bad_tls_flags_exit_2_with_one_line(pair: Pair, tmp_path: Path) ->
         ("--tls-cert", str(garbage), "--tls-key", str(pair.key)): "not a PEM certificate",
         ("--tls-cert", str(pair.cert), "--tls-key", str(other.key)): "does not belong",
     }
-    for args, text in cases.items():
-        result = await run_to_exit(*args)
+    results = [(await run_to_exit(*args), text) for args, text in cases.items()]
+    # The environment works like the flags: UFO_TRIO_TLS_KEY alone is refused too.
+    results.append(
+        (
+            await run_to_exit(UFO_TRIO_TLS_KEY=str(pair.key)),
+            "tls-cert and tls-key must be given together",
+        )
+    )
+    for result, text in results:
         err = result.stderr.decode()
         assert result.returncode == 2, err
         assert err.count("\n") == 1, err
@@ -442,8 +449,9 @@ async def test_sighup_reloads_the_certificate_for_new_connections(tmp_path: Path
     stderr = tmp_path / "stderr.txt"
     with stderr.open("wb") as err:
         process = await trio.lowlevel.open_process(
-            serve_cmd("--tls-cert", str(cert), "--tls-key", str(key)),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=clean_env(),
+            serve_cmd(),  # the pair from the environment this time
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+            env=clean_env(UFO_TRIO_TLS_CERT=str(cert), UFO_TRIO_TLS_KEY=str(key)),
         )
     assert process.stdout is not None
     try:

@@ -108,7 +108,10 @@ async def accept_tls(
     """
     sock = getattr(stream, "socket", None)
     if sock is not None:
-        first = await sock.recv(1, socket.MSG_PEEK)
+        try:
+            first = await sock.recv(1, socket.MSG_PEEK)
+        except OSError:  # reset before it sent anything
+            return None
         if not first:
             return None
         if first[0] != _TLS_HANDSHAKE:
