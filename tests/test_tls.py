@@ -334,6 +334,7 @@ def test_config_needs_both_files() -> None:
 def test_server_context_is_tls12_or_newer(pair: Pair, tmp_path: Path) -> None:
     context = server_context(str(pair.cert), str(pair.key))
     assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert context.options & ssl.OP_NO_RENEGOTIATION
     other = make_pair(tmp_path, "other")
     with pytest.raises(ConfigError, match="the key does not belong to the certificate"):
         server_context(str(pair.cert), str(other.key))
