@@ -105,3 +105,10 @@ class ServerConfig:
     message_burst: int = attrs.field(default=MESSAGE_BURST, validator=_positive)
     max_header_size: int = attrs.field(default=MAX_HEADER_SIZE, validator=_positive)
     max_body_size: int = attrs.field(default=MAX_BODY_SIZE, validator=_positive)
+    # Built-in TLS (docs/operations.md "TLS"): PEM certificate chain and private key, both or none.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls-cert and tls-key must be given together")

@@ -23,6 +23,7 @@ import trio
 from ._config import MAX_HEADER_SIZE
 from ._connection import Connection
 from ._limits import log_refusal, refuse_connection
+from ._tls import accept_tls
 from ._websocket import ServerWebSocket, open_server_websocket
 
 if TYPE_CHECKING:
@@ -194,12 +195,20 @@ async def handle_stream(server: Server, stream: trio.abc.Stream) -> None:
     counted = False
     try:
         if config.max_connections and server.open_streams >= config.max_connections:
+            if server.tls is not None:  # a plain-text 503 would read as a TLS failure: just close
+                log_refusal(remote, "max-connections", str(config.max_connections))
+                return
             await refuse_connection(stream, remote, config.max_connections)
             return
         server.open_streams += 1
         counted = True
         head: RequestHead | int | None = None
         with trio.move_on_after(config.registration_timeout) as deadline:  # LIM-2
+            if server.tls is not None:  # the TLS handshake counts against LIM-2 too
+                tls_stream = await accept_tls(stream, server.tls.context, remote)
+                if tls_stream is None:
+                    return
+                stream = tls_stream
             head = await read_head(stream, config.max_header_size)
         if deadline.cancelled_caught:
             log_refusal(remote, "registration-timeout", f"{config.registration_timeout:g}s for the request head")

@@ -16,6 +16,7 @@ from ._endpoint import handle_stream
 from ._http import HttpApi
 from ._registry import Registry
 from ._sessions import SHUTTING_DOWN, SessionManager
+from ._tls import ServerTLS, load_tls
 
 if TYPE_CHECKING:
     from ._config import ServerConfig
@@ -53,6 +54,8 @@ class Server:
     _shutdown: trio.Event = attrs.field(factory=trio.Event)
     _stopped: trio.Event = attrs.field(factory=trio.Event)
     _nursery: trio.Nursery | None = None
+    #: Built-in TLS (`--tls-cert`/`--tls-key`), or None for plain ws:// and http://.
+    tls: ServerTLS | None = None
 
     def __attrs_post_init__(self) -> None:
         self.sessions = SessionManager(self, self.agent_factory)
@@ -62,9 +65,10 @@ class Server:
 
     @property
     def url(self) -> str:
-        """`ws://HOST:PORT/ws` with the port actually bound (IPv6 hosts in brackets)."""
+        """`ws://HOST:PORT/ws` (`wss://` with TLS) with the port actually bound (IPv6 hosts in
+        brackets)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"ws://{host}:{self.port}/ws"
+        return f"{'wss' if self.tls else 'ws'}://{host}:{self.port}/ws"
 
     def bounded(self, seconds: float) -> trio.CancelScope:
         """A scope that gives up after `seconds`, or at the shutdown deadline if sooner."""
@@ -133,8 +137,13 @@ class Server:
             conn.close(1001, "server shutting down")
 
 
-def build_server(config: ServerConfig, *, port: int = 0) -> Server:
-    """A `Server` that is not yet running. Raises `ConfigError` for a bad `--agent`."""
+def build_server(
+    config: ServerConfig, *, port: int = 0, tls: ServerTLS | None = None
+) -> Server:
+    """A `Server` that is not yet running. Raises `ConfigError` for a bad `--agent`.
+
+    *tls* comes from `load_tls` when `config.tls_cert` is set (`serve` does that).
+    """
     api_key = config.api_key if config.api_key is not None else secrets.token_urlsafe(32)
     return Server(
         config=config,
@@ -143,6 +152,7 @@ def build_server(config: ServerConfig, *, port: int = 0) -> Server:
         agent_factory=load_agent_factory(config.agent),
         host=config.host,
         port=port,
+        tls=tls,
     )
 
 
@@ -156,11 +166,14 @@ async def serve(
     and `OSError` if the address cannot be bound.
     """
     load_agent_factory(config.agent)  # fail before binding
+    tls = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        tls = await load_tls(config.tls_cert, config.tls_key)  # ConfigError before binding
     listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     if config.port == 0:
         # Each address family would get its own free port; keep one so the URL is unambiguous.
         for extra in listeners[1:]:
             await extra.aclose()
         listeners = listeners[:1]
-    server = build_server(config, port=listeners[0].socket.getsockname()[1])
+    server = build_server(config, port=listeners[0].socket.getsockname()[1], tls=tls)
     await server.run(listeners, task_status=task_status)

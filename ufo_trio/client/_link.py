@@ -24,11 +24,14 @@ from ._errors import (
     ConnectionLost,
     ProtocolViolation,
     RegistrationRefused,
+    TLSError,
 )
-from ._util import raise_single_error
+from ._tls import client_context, handshake
+from ._util import raise_single_error, single_error
 from ._wire import FrameError, ServerFrame, encode, parse_server_frame
 
 if TYPE_CHECKING:
+    import ssl
     from collections.abc import AsyncIterator, Mapping
 
 logger = logging.getLogger("ufo_trio.client")
@@ -275,6 +278,8 @@ def _rejection(exc: BaseException, shown: str) -> BaseException:
             f"{shown} refused the connection (HTTP 403): the API key is wrong or missing "
             "(or the Origin is not allowed)"
         )
+    if status == 400 and b"speaks TLS" in (getattr(exc, "body", None) or b""):
+        return TLSError(f"{shown} speaks TLS on this port: use a wss:// URL")
     if status == 404:
         return ConnectFailed(
             f"{shown} has no WebSocket endpoint at this path (HTTP 404); "
@@ -293,11 +298,15 @@ async def open_link(
     connect_timeout: float,
     registration_timeout: float,
     send_timeout: float = SEND_TIMEOUT,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Link]:
     """Connect to *url*, send *register* and wait for the verdict (§3.1).
 
+    ``wss://`` URLs use *ssl_context* (default: `client_context()`, the system trust store).
     Raises `ValueError` for a malformed URL, `AuthenticationFailed` for HTTP 403 at the
-    handshake, `ConnectFailed` when the server cannot be reached, `RegistrationRefused` when
+    handshake, `TLSError` when TLS fails (untrusted, expired or wrong-host certificate, or
+    the URL's scheme does not match the port), `ConnectFailed` when the server cannot be
+    reached, `RegistrationRefused` when
     the verdict is an ERROR, `ConnectionLost` if the connection ends before the verdict and
     `ProtocolViolation` if the verdict is neither ``heartbeat``/``ok`` nor ``error``.
     An exception raised by the block itself comes out unchanged.
@@ -312,7 +321,19 @@ async def open_link(
     try:
         with trio.fail_after(connect_timeout):
             if tls:
-                stream = await trio.open_ssl_over_tcp_stream(host, port, https_compatible=True)
+                tls_stream = await trio.open_ssl_over_tcp_stream(
+                    host,
+                    port,
+                    ssl_context=ssl_context or client_context(),
+                    https_compatible=True,
+                )
+                stream = tls_stream
+                try:
+                    await handshake(tls_stream, shown)
+                except BaseException:
+                    with trio.CancelScope(shield=True):
+                        await trio.aclose_forcefully(stream)
+                    raise
             else:
                 stream = await trio.open_tcp_stream(host, port)
     except trio.TooSlowError:
@@ -321,6 +342,8 @@ async def open_link(
         ) from None
     except OSError as exc:
         raise ConnectFailed(f"cannot connect to {shown}: {_os_reason(exc)}") from None
+    except trio.BrokenResourceError:
+        raise ConnectFailed(f"cannot connect to {shown}: the connection was closed") from None
 
     opened = False
     try:
