@@ -27,7 +27,7 @@ from ._errors import (
     TLSError,
 )
 from ._tls import client_context, handshake
-from ._util import raise_single_error, single_error
+from ._util import raise_single_error
 from ._wire import FrameError, ServerFrame, encode, parse_server_frame
 
 if TYPE_CHECKING:
