@@ -217,9 +217,8 @@ async def handle_stream(server: Server, stream: trio.abc.Stream) -> None:
         if head.path != "/ws":
             await send_simple_response(stream, 404, b'{"detail":"Not Found"}')
             return
-        if not origin_ok(head, server.allowed_origins) or not credential_ok(
-            head, server.api_key_bytes
-        ):
+        auth = server.context.auth
+        if not origin_ok(head, auth.allowed_origins) or not credential_ok(head, auth.api_key):
             log.info("%s: WebSocket handshake refused (403) for %s", remote, head.loggable_target)
             await send_simple_response(stream, 403, b'{"detail":"Forbidden"}')
             return
@@ -267,11 +266,14 @@ async def _serve_websocket(
         if ws is None:  # wsproto refused the handshake (e.g. no key)
             nursery.cancel_scope.cancel()
             return
-        conn = Connection(server=server, ws=ws, stream=stream, nursery=nursery, remote=remote)
+        conn = Connection(
+            ctx=server.context, sessions=server.sessions, ws=ws, stream=stream, nursery=nursery,
+            remote=remote,
+        )
         log.info("%s connected", remote)
         server.connections.add(conn)
         try:
-            await conn.run()
+            await conn.run(server.handler)
         finally:
             server.connections.discard(conn)
             nursery.cancel_scope.cancel()
