@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from ufo_trio._config import DuplicatePolicy
 from ufo_trio._messages import (
     ClientMessage,
     ClientMessageType,
@@ -141,15 +142,15 @@ def test_reg3_system_info_only_for_devices_and_only_objects() -> None:
         assert registered_system_info(DEVICE, metadata) is None
 
 
-@pytest.mark.parametrize("policy", ["probe", "reject", "takeover"])
-def test_reg6_reserved_id_is_refused_under_every_policy(policy: str) -> None:
+@pytest.mark.parametrize("policy", list(DuplicatePolicy))
+def test_reg6_reserved_id_is_refused_under_every_policy(policy: DuplicatePolicy) -> None:
     """REG-6: a reserved id is rejected as in DUP-2, whatever the policy."""
     for registered in (False, True):
         assert duplicate_decision(policy, reserved=True, registered=registered) is Duplicate.REJECT
 
 
-@pytest.mark.parametrize("policy", ["probe", "reject", "takeover"])
-def test_dup1_free_id_is_confirmed(policy: str) -> None:
+@pytest.mark.parametrize("policy", list(DuplicatePolicy))
+def test_dup1_free_id_is_confirmed(policy: DuplicatePolicy) -> None:
     """DUP-1 applies only to an id that is already registered."""
     assert duplicate_decision(policy, reserved=False, registered=False) is Duplicate.NONE
 
@@ -157,9 +158,9 @@ def test_dup1_free_id_is_confirmed(policy: str) -> None:
 def test_dup1_policy_decides_for_a_registered_id() -> None:
     """DUP-2 reject, DUP-3 takeover, DUP-4 probe."""
     decide = duplicate_decision
-    assert decide("reject", reserved=False, registered=True) is Duplicate.REJECT
-    assert decide("takeover", reserved=False, registered=True) is Duplicate.TAKEOVER
-    assert decide("probe", reserved=False, registered=True) is Duplicate.PROBE
+    assert decide(DuplicatePolicy.REJECT, reserved=False, registered=True) is Duplicate.REJECT
+    assert decide(DuplicatePolicy.TAKEOVER, reserved=False, registered=True) is Duplicate.TAKEOVER
+    assert decide(DuplicatePolicy.PROBE, reserved=False, registered=True) is Duplicate.PROBE
 
 
 def test_dup4_probe_answer_decides() -> None:

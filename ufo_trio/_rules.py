@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 
 from ._codec import quoted, truncate
+from ._config import DuplicatePolicy
 from ._messages import ClientMessage, ClientMessageType, ClientType, Result
 from ._registry import ClientEntry
 
@@ -111,16 +112,16 @@ class Duplicate(enum.Enum):
     TAKEOVER = "takeover"
 
 
-def duplicate_decision(policy: str, *, reserved: bool, registered: bool) -> Duplicate:
+def duplicate_decision(policy: DuplicatePolicy, *, reserved: bool, registered: bool) -> Duplicate:
     """REG-6 then DUP-1: the verdict for an id that is `reserved` by a pending registration
     and/or `registered` already, under `--duplicate-policy` `policy`."""
     if reserved:  # REG-6: whatever the policy
         return Duplicate.REJECT
     if not registered:
         return Duplicate.NONE
-    if policy == "reject":
+    if policy is DuplicatePolicy.REJECT:
         return Duplicate.REJECT
-    if policy == "probe":
+    if policy is DuplicatePolicy.PROBE:
         return Duplicate.PROBE
     return Duplicate.TAKEOVER
 
