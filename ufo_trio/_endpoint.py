@@ -217,8 +217,9 @@ async def handle_stream(server: Server, stream: trio.abc.Stream) -> None:
         if head.path != "/ws":
             await send_simple_response(stream, 404, b'{"detail":"Not Found"}')
             return
-        auth = server.context.auth
-        if not origin_ok(head, auth.allowed_origins) or not credential_ok(head, auth.api_key):
+        if not origin_ok(head, server.allowed_origins) or not credential_ok(
+            head, server.api_key_bytes
+        ):
             log.info("%s: WebSocket handshake refused (403) for %s", remote, head.loggable_target)
             await send_simple_response(stream, 403, b'{"detail":"Forbidden"}')
             return

@@ -69,8 +69,8 @@ class Server:
         self.handler = AipHandler(self.context, self.sessions)
         self.http = HttpApi(self)
 
-    # The shutdown state and the credentials live in `context`; these read them for the CLI,
-    # tests and `_http` (which will take the context itself).
+    # The shutdown state and the credentials live in `context`; these read them for the listener
+    # side (`_endpoint`), the CLI, tests and `_http` (until it takes the context itself).
 
     @property
     def shutting_down(self) -> bool:
