@@ -60,8 +60,7 @@ TAKEOVER_PATIENCE: Final = 5.0
 
 async def _reject(
     conn: Connection,
-    error: str,
-    code: str,
+    verdict: Reject,
     *,
     request_id: str | None = None,
     session_id: str | None = None,
@@ -70,8 +69,9 @@ async def _reject(
 
     `session_id` only for a REGISTER that passed schema validation (WIRE-9).
     """
+    code = verdict.code
     log.info("%s: registration refused: %s", conn.label, code)
-    await conn.send_error(error, code, request_id=request_id, session_id=session_id)
+    await conn.send_error(verdict.error, code, request_id=request_id, session_id=session_id)
     conn.close(1008, code)
 
 
@@ -136,7 +136,7 @@ class AipHandler:
                 conn.close(None, _close_text(exc, conn))
                 return None
         if deadline.cancelled_caught:
-            await _reject(conn, "Registration timed out", "registration_timeout")
+            await _reject(conn, Reject("Registration timed out", "registration_timeout"))
             return None
         if type(raw) is bytes:
             await _binary(conn)
@@ -145,17 +145,17 @@ class AipHandler:
         try:
             obj = parse_json_object(raw)
         except DecodeError as exc:
-            await _reject(conn, exc.error, exc.code)
+            await _reject(conn, Reject(exc.error, exc.code))
             return None
         rid = obj.get("request_id")
         request_id = rid if type(rid) is str and rid else None
         if obj.get("type") != "register":
-            await _reject(conn, NOT_REGISTERED, "not_registered", request_id=request_id)
+            await _reject(conn, Reject(NOT_REGISTERED, "not_registered"), request_id=request_id)
             return None
         try:
             msg = structure_client_message(obj)
         except DecodeError as exc:
-            await _reject(conn, exc.error, exc.code, request_id=request_id)
+            await _reject(conn, Reject(exc.error, exc.code), request_id=request_id)
             return None
 
         registry = self.ctx.registry
@@ -171,13 +171,7 @@ class AipHandler:
             if decision is Duplicate.REJECT:  # DUP-2, REG-6
                 refusal = _rules.duplicate(client_id)
         if refusal is not None:
-            await _reject(
-                conn,
-                refusal.error,
-                refusal.code,
-                request_id=request_id,
-                session_id=msg.session_id,
-            )
+            await _reject(conn, refusal, request_id=request_id, session_id=msg.session_id)
             return None
 
         registry.reserve(client_id)
@@ -188,11 +182,9 @@ class AipHandler:
                 if decision is Duplicate.PROBE:  # DUP-4
                     answered = await old.probe(min(config.ping_timeout, PROBE_TIMEOUT_CAP))
                     if _rules.after_probe(answered) is Duplicate.REJECT:
-                        refusal = _rules.duplicate(client_id)
                         await _reject(
                             conn,
-                            refusal.error,
-                            refusal.code,
+                            _rules.duplicate(client_id),
                             request_id=request_id,
                             session_id=msg.session_id,
                         )
