@@ -109,9 +109,11 @@ def test_reg4_constellation_target_must_be_a_registered_device() -> None:
 
 
 def test_reg4_unscoped_constellation_and_device_target_ignored() -> None:
-    """REG-4: no target_id → unscoped; a device's target_id is ignored (not checked, not pinned)."""
+    """REG-4: no target_id → unscoped; a device's target_id is ignored (unchecked, unpinned)."""
     assert check_registration(register(client_id="c", client_type=CONSTELLATION), {}.get) is None
-    assert registered_target(register(client_id="c", client_type=CONSTELLATION, target_id="")) is None
+    assert (
+        registered_target(register(client_id="c", client_type=CONSTELLATION, target_id="")) is None
+    )
     device = register(client_id="d", target_id="whatever")
     assert check_registration(device, {}.get) is None
     assert registered_target(device) is None
@@ -342,7 +344,9 @@ def test_task7_texts() -> None:
     assert unsupported_platform("mobile") == Reject(
         "Service session not supported on mobile", "unsupported_platform"
     )
-    assert not_connected("dev-1") == Reject("Target device 'dev-1' is not connected", "unknown_target")
+    assert not_connected("dev-1") == Reject(
+        "Target device 'dev-1' is not connected", "unknown_target"
+    )
 
 
 def test_task9_fail_fast_only_where_allowed() -> None:
@@ -354,7 +358,9 @@ def test_task9_fail_fast_only_where_allowed() -> None:
     assert not task_end_after_reject(shutting, CONSTELLATION, None, live=False)
     assert not task_end_after_reject(shutting, CONSTELLATION, "", live=False)
     assert not task_end_after_reject(shutting, CONSTELLATION, "s", live=True)
-    sess = task(UNSCOPED, online={"dev-1": DEV}, owners={"s": "x"}, target_id="dev-1", session_id="s")
+    sess = task(
+        UNSCOPED, online={"dev-1": DEV}, owners={"s": "x"}, target_id="dev-1", session_id="s"
+    )
     assert isinstance(sess, Reject)
     assert not task_end_after_reject(sess, CONSTELLATION, "s", live=False)
 

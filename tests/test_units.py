@@ -120,7 +120,9 @@ def test_token_bucket_ignores_time_going_backwards() -> None:
 # ------------------------------------------------------------------------------ ResultStore
 
 
-def record(session_id: str, task_name: str, status: TaskStatus = TaskStatus.COMPLETED) -> SessionRecord:
+def record(
+    session_id: str, task_name: str, status: TaskStatus = TaskStatus.COMPLETED
+) -> SessionRecord:
     return SessionRecord(
         session_id=session_id,
         task_name=task_name,

@@ -64,7 +64,7 @@ class Connection:
     sessions), never the `Server`.
     """
 
-    ctx: ServerContext
+    context: ServerContext
     sessions: SessionManager
     ws: ServerWebSocket
     stream: trio.abc.Stream
@@ -132,8 +132,8 @@ class Connection:
         # write cannot be cut in half by cancelling the sender; SEND_TIMEOUT (or the shutdown
         # deadline) bounds it instead (see ServerWebSocket.send_frame). No state check here: the
         # public entry points above make it.
-        ctx = self.ctx
-        deadline = min(trio.current_time() + ctx.config.send_timeout, ctx.shutdown.deadline)
+        context = self.context
+        deadline = min(trio.current_time() + context.config.send_timeout, context.shutdown.deadline)
         try:
             if await self.ws.send_frame(text, deadline):
                 return
@@ -208,7 +208,7 @@ class Connection:
             self._activity_waiters.clear()
         if self._heartbeat_scope is not None:
             self._heartbeat_scope.deadline = (
-                trio.current_time() + self.ctx.config.heartbeat_timeout
+                trio.current_time() + self.context.config.heartbeat_timeout
             )
 
     async def probe(self, patience: float) -> bool:
@@ -248,7 +248,7 @@ class Connection:
                 self._activity_waiters.remove(alive)
 
     async def _pinger(self) -> None:
-        config = self.ctx.config
+        config = self.context.config
         while True:
             await trio.sleep(config.ping_interval)
             if not await self.probe(config.ping_timeout):
@@ -257,7 +257,7 @@ class Connection:
                 return
 
     async def _heartbeat_watchdog(self) -> None:
-        timeout = self.ctx.config.heartbeat_timeout
+        timeout = self.context.config.heartbeat_timeout
         with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
             self._heartbeat_scope = scope
             await trio.sleep_forever()
@@ -284,7 +284,7 @@ class Connection:
         from now on `send` works, and the pinger and the heartbeat watchdog start."""
         self.entry = entry
         self.state = State.REGISTERED
-        config = self.ctx.config
+        config = self.context.config
         if config.ping_interval > 0:
             self.nursery.start_soon(self._pinger)
         if config.heartbeat_timeout > 0:
@@ -292,18 +292,18 @@ class Connection:
 
     async def _teardown(self) -> None:
         """DC-1…DC-5: runs exactly once, shielded, every await bounded."""
-        ctx = self.ctx
+        context = self.context
         registered = self.entry is not None and self.state is State.REGISTERED
         self.state = State.CLOSING
-        bounded = ctx.shutdown.bounded
+        bounded = context.shutdown.bounded
         with trio.CancelScope(shield=True):
             if registered:
-                with bounded(ctx.config.send_timeout * 2):
+                with bounded(context.config.send_timeout * 2):
                     await self.sessions.connection_closing(self)
             # Frames are written before `send` returns, so whatever a handler or session sent
             # (ERROR before 1003, TASK_ENDs before 1001) is already out.
             if registered and self.entry is not None:
-                ctx.registry.remove(self.entry)  # DC-4: only our own epoch
+                context.registry.remove(self.entry)  # DC-4: only our own epoch
                 log.info(
                     "%s disconnected: %s",
                     self.label,

@@ -268,7 +268,11 @@ async def _serve_websocket(
             nursery.cancel_scope.cancel()
             return
         conn = Connection(
-            ctx=server.context, sessions=server.sessions, ws=ws, stream=stream, nursery=nursery,
+            context=server.context,
+            sessions=server.sessions,
+            ws=ws,
+            stream=stream,
+            nursery=nursery,
             remote=remote,
         )
         log.info("%s connected", remote)

@@ -85,7 +85,7 @@ def _close_text(exc: ConnectionClosed, conn: Connection) -> str:
     if reason is None:
         return "connection lost"
     if reason.code == 1009:  # LIM-1
-        size = conn.ctx.config.max_message_size
+        size = conn.context.config.max_message_size
         log_refusal(conn.label, "max-message-size", f"{size} bytes; close 1009")
         return "message too big"
     return f"peer closed ({reason.code}{' ' + reason.reason if reason.reason else ''})"
@@ -105,7 +105,7 @@ class AipHandler:
     One per server (it holds no per-connection state): the shared context plus the sessions.
     """
 
-    ctx: ServerContext
+    context: ServerContext
     sessions: SessionManager
 
     async def __call__(self, conn: Connection) -> None:
@@ -128,7 +128,7 @@ class AipHandler:
 
         Returns the registry entry (already added) on success, None after a refusal.
         """
-        config = self.ctx.config
+        config = self.context.config
         with trio.move_on_after(config.registration_timeout) as deadline:
             try:
                 raw = await conn.ws.get_message()
@@ -158,7 +158,7 @@ class AipHandler:
             await _reject(conn, Reject(exc.error, exc.code), request_id=request_id)
             return None
 
-        registry = self.ctx.registry
+        registry = self.context.registry
         client_id = msg.client_id or ""
         refusal = _rules.check_registration(msg, registry.get)  # REG-2 step 4, REG-4
         decision = Duplicate.NONE
@@ -232,7 +232,7 @@ class AipHandler:
     async def handle_frames(self, conn: Connection) -> None:
         """REGISTERED: take frames in arrival order until the connection ends (PROC-1)."""
         ws = conn.ws
-        bucket = message_bucket(self.ctx.config)
+        bucket = message_bucket(self.context.config)
         while True:
             try:
                 raw = await ws.get_message()
@@ -290,7 +290,7 @@ class AipHandler:
             await _error(conn, msg, Reject(f"Unknown message type: {kind.value}", "unknown_type"))
 
     async def _device_info(self, conn: Connection, entry: ClientEntry, msg: ClientMessage) -> None:
-        verdict = _rules.device_info(entry, msg.target_id, self.ctx.registry.get)  # DI-1…DI-3
+        verdict = _rules.device_info(entry, msg.target_id, self.context.registry.get)  # DI-1…DI-3
         if isinstance(verdict, Reject):
             await _error(conn, msg, verdict)
             return

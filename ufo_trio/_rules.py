@@ -42,7 +42,9 @@ class Reject:
 # ------------------------------------------------------------------------------ registration
 
 SHUTTING_DOWN: Final = "Server shutting down"
-EMPTY_CLIENT_ID: Final = Reject("Registration requires a non-empty client_id", "invalid_registration")
+EMPTY_CLIENT_ID: Final = Reject(
+    "Registration requires a non-empty client_id", "invalid_registration"
+)
 #: REG-3: the platform of a client whose metadata names none.
 DEFAULT_PLATFORM: Final = "windows"
 
@@ -91,7 +93,9 @@ def registered_platform(metadata: dict[str, Any] | None) -> str:
     return platform if type(platform) is str and platform else DEFAULT_PLATFORM
 
 
-def registered_system_info(role: ClientType, metadata: dict[str, Any] | None) -> dict[str, Any] | None:
+def registered_system_info(
+    role: ClientType, metadata: dict[str, Any] | None
+) -> dict[str, Any] | None:
     """REG-3: for devices only, `metadata.system_info` verbatim if it is an object."""
     if role is not ClientType.DEVICE or not metadata:
         return None
@@ -254,7 +258,8 @@ class Match(enum.Enum):
     DROP = "drop"
     #: CMD-5: a list with one Result per Command: the waiter gets it as received.
     RESOLVE = "resolve"
-    #: CMD-5: anything else: ERROR `invalid_results` to the sender, synthetic failures to the waiter.
+    #: CMD-5: anything else: ERROR `invalid_results` to the sender, synthetic failures (CMD-7)
+    #: to the waiter.
     INVALID = "invalid"
 
 

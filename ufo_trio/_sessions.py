@@ -171,7 +171,7 @@ class Session:
         response_id = new_id()
         waiter = _Waiter(commands)
         self.waiters[response_id] = waiter
-        config = self.manager.ctx.config
+        config = self.manager.context.config
         try:
             try:
                 await self.executor.send(
@@ -241,8 +241,9 @@ class Session:
                 outcome = (TaskStatus.FAILED, self.cancel_reason or self._implied_reason(), None)
             # CAN-2: shielded, so cancellation cannot cut the TASK_END short; bounded (inside
             # `finish` by SEND_TIMEOUT, and here as a whole) so it cannot hang either.
-            ctx = self.manager.ctx
-            with trio.CancelScope(shield=True), ctx.shutdown.bounded(2 * ctx.config.send_timeout):
+            context = self.manager.context
+            patience = 2 * context.config.send_timeout
+            with trio.CancelScope(shield=True), context.shutdown.bounded(patience):
                 await self.manager.finish(self, *outcome)
             self.done.set()
 
@@ -273,13 +274,13 @@ class SessionManager:
     given it explicitly. It knows only the shared `ServerContext`.
     """
 
-    ctx: ServerContext
+    context: ServerContext
     agent_factory: AgentFactory
     live: dict[str, Session] = attrs.field(factory=dict)
     results: ResultStore = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.results = ResultStore(self.ctx.config.result_store_size)
+        self.results = ResultStore(self.context.config.result_store_size)
 
     # -------------------------------------------------------------------------- TASK
 
@@ -287,14 +288,14 @@ class SessionManager:
         """A TASK frame: TASK-1…TASK-7 (`_rules.check_task`), then start the session (TASK-8)."""
         entry = conn.entry
         assert entry is not None
-        ctx = self.ctx
-        config = ctx.config
+        context = self.context
+        config = context.config
         live = self.live
         verdict = _rules.check_task(
             entry,
             msg,
-            shutting_down=ctx.shutdown.started,
-            lookup=ctx.registry.get,
+            shutting_down=context.shutdown.started,
+            lookup=context.registry.get,
             owner_of=self._owner_of,
             new_session_id=new_id,
             live_sessions=len(conn.requested),
@@ -382,7 +383,7 @@ class SessionManager:
     # -------------------------------------------------------------------------- results
 
     async def handle_results(self, conn: Connection, msg: ClientMessage) -> None:
-        """A COMMAND_RESULTS frame: match it to its waiter (CMD-2…CMD-5, `_rules.match_results`)."""
+        """A COMMAND_RESULTS frame: find its waiter, then `_rules.match_results` (CMD-2…CMD-5)."""
         session = self.live.get(msg.session_id) if msg.session_id else None
         waiter = None
         if session is not None and msg.prev_response_id:
@@ -471,7 +472,7 @@ class SessionManager:
         recipients = [session.requester]
         if session.for_constellation and session.executor is not session.requester:
             recipients.append(session.executor)
-        with self.ctx.shutdown.bounded(self.ctx.config.send_timeout):
+        with self.context.shutdown.bounded(self.context.config.send_timeout):
             for conn in recipients:  # END-3: the requester's copy is written first
                 if conn.is_open:
                     try:
