@@ -78,11 +78,6 @@ class Server:
         return self.context.shutdown.started
 
     @property
-    def hard_deadline(self) -> float:
-        """After this trio time every bounded cleanup wait gives up (the shutdown deadline)."""
-        return self.context.shutdown.deadline
-
-    @property
     def api_key_bytes(self) -> bytes:
         return self.context.auth.api_key
 
