@@ -276,11 +276,18 @@ async def _serve_websocket(
         if ws is None:  # wsproto refused the handshake (e.g. no key)
             nursery.cancel_scope.cancel()
             return
-        conn = Connection(server=server, ws=ws, stream=stream, nursery=nursery, remote=remote)
+        conn = Connection(
+            context=server.context,
+            sessions=server.sessions,
+            ws=ws,
+            stream=stream,
+            nursery=nursery,
+            remote=remote,
+        )
         log.info("%s connected", remote)
         server.connections.add(conn)
         try:
-            await conn.run()
+            await conn.run(server.handler)
         finally:
             server.connections.discard(conn)
             nursery.cancel_scope.cancel()
