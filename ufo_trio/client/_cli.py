@@ -33,7 +33,7 @@ from ._http import ApiUnavailable, get_task, list_clients
 from ._link import check_url
 from ._outcome import TaskOutcome, format_outcome
 from ._plan import Plan, parse_plan
-from ._progress import Progress
+from ._progress import Fetch, Progress
 from ._tools import ToolRegistry
 from ._util import single_error
 
@@ -130,9 +130,9 @@ def add_subcommands(subparsers: Any) -> None:
         help="no progress on stderr (default: a live status line on a terminal, "
         "one line per accepted task otherwise)",
     )
-    # For tests: where progress goes and whether it is a terminal (not on the command line).
+    # For tests: where progress goes, whether it is a terminal, how steps are fetched.
     task.set_defaults(
-        func=run_task_command, progress_stream=None, progress_isatty=None
+        func=run_task_command, progress_stream=None, progress_isatty=None, progress_fetch=None
     )
 
     clients = subparsers.add_parser(
@@ -358,21 +358,34 @@ async def _task_main(args: argparse.Namespace) -> int:
     async def fetch(session_id: str) -> Mapping[str, Any] | None:
         return await get_task(url, session_id, api_key=api_key)
 
+    fetch_task: Fetch = args.progress_fetch or fetch
+
+    names: list[str | None] = [
+        f"{args.task_name}-{i + 1}" if args.task_name and len(requests) > 1 else args.task_name
+        for i in range(len(requests))
+    ]
+    session_ids = [str(uuid.uuid4()) for _ in requests]
+    lines = [
+        progress.add(
+            name or (f"task {i + 1}" if len(requests) > 1 else "task"), session_ids[i]
+        )
+        if progress is not None
+        else None
+        for i, name in enumerate(names)
+    ]
+
     async with open_constellation(
         url, client_id, target_id=args.target, api_key=api_key
     ) as constellation:
 
         async def run_one(index: int, request: str, plan: Plan | None) -> None:
-            name = args.task_name
-            if name and len(requests) > 1:
-                name = f"{name}-{index + 1}"
-            label = name or (f"task {index + 1}" if len(requests) > 1 else "task")
-            session_id = str(uuid.uuid4())
-            line = progress.add(label, session_id) if progress is not None else None
+            name = names[index]
+            session_id = session_ids[index]
+            line = lines[index]
             try:
                 async with trio.open_nursery() as polling:
                     if progress is not None and line is not None:
-                        polling.start_soon(progress.poll, line, fetch)
+                        polling.start_soon(progress.poll, line, fetch_task)
                         on_ack = functools.partial(progress.acknowledged, line)
                     else:
                         on_ack = None
