@@ -304,3 +304,33 @@ async def test_get_task_answers(nursery: trio.Nursery) -> None:
     port = await fake_http(nursery, 401, {"detail": "Missing API key"}, seen)
     with pytest.raises(AuthenticationFailed):
         await get_task(url(port), "s", api_key=None)
+
+
+# ----------------------------------------------------------------------------- real server
+
+
+async def test_text_request_reaches_the_server_verbatim(
+    nursery: trio.Nursery, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A real server with only the script agent: the text arrives as the TASK request (the
+    # agent says it is not JSON), progress is plain lines, and the missing task API is fine.
+    from test_client_cli import KEY, run_cli, start_server
+
+    from ufo_trio.client import open_device
+
+    server = await start_server(nursery)
+    async with open_device(server.url, "dev-1", api_key=KEY):
+        code = await trio.to_thread.run_sync(
+            run_cli,
+            ["task", "--url", server.url, "--api-key", KEY, "--target", "dev-1",
+             "--task-name", "words", "free disk space in /tmp"],
+        )
+    captured = capsys.readouterr()
+    assert code == 1
+    assert captured.out.startswith("failed: words (session ")
+    assert "  error: script agent: request is not valid JSON" in captured.out
+    [line] = captured.err.splitlines()
+    assert line.startswith("words: accepted by the server as 'words' (session ")
+    record = server.sessions.results.by_task_name("words")
+    assert record is not None
+    assert record.session_id in captured.out
