@@ -429,3 +429,32 @@ async def test_list_tools_command_frames_on_the_wire(
     registered = {t["name"] for t in seen["register"]["metadata"]["system_info"]["tools"]}
     assert registered == {"echo", "system_info", "list_dir", "read_text_file", "run_command",
                           "add"}
+
+
+async def test_list_tools_through_the_real_server(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The PROTOCOL.md walkthrough's first step: a script plan whose one Command is list_tools.
+    from test_client_e2e import KEY, start_server
+
+    from ufo_trio.client import Plan, open_constellation
+
+    server = await start_server(nursery)
+    tools = default_tools()
+    async with (
+        open_device(server.url, "dev-1", api_key=KEY, tools=tools),
+        open_constellation(server.url, "orch", target_id="dev-1", api_key=KEY) as constellation,
+    ):
+        outcome = await constellation.run_task(
+            "dev-1",
+            Plan.of(Command(tool_name="list_tools", parameters={"tool_type": "data_collection"})),
+        )
+    assert outcome.ok, outcome.error
+    [step] = outcome.steps or []
+    [result] = step.results
+    assert result.status == "success"
+    assert result.result == tools.descriptors("data_collection")
+    assert [d["tool_key"] for d in result.result] == [
+        "data_collection::system_info", "data_collection::list_dir",
+        "data_collection::read_text_file",
+    ]

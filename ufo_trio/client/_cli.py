@@ -352,8 +352,11 @@ async def _task_main(args: argparse.Namespace) -> int:
     client_id = args.client_id or f"cli-{uuid.uuid4().hex[:8]}"
     outcomes: list[TaskOutcome | None] = [None] * len(requests)
     stream = args.progress_stream or sys.stderr
-    isatty = args.progress_isatty if args.progress_isatty is not None else stream.isatty()
-    progress = None if args.no_progress else Progress(stream, live=isatty)
+    if args.progress_isatty is not None:
+        live = bool(args.progress_isatty)
+    else:  # a terminal that understands carriage return and erase-line
+        live = stream.isatty() and os.environ.get("TERM") != "dumb"
+    progress = None if args.no_progress else Progress(stream, live=live)
 
     async def fetch(session_id: str) -> Mapping[str, Any] | None:
         return await get_task(url, session_id, api_key=api_key)
@@ -410,15 +413,17 @@ async def _task_main(args: argparse.Namespace) -> int:
             outcomes[index] = outcome
             _print_outcome(args, outcome, plan)
 
-        async with trio.open_nursery() as display:
-            if progress is not None and progress.live:
-                display.start_soon(progress.tick)
-            async with trio.open_nursery() as nursery:
-                for index, (request, plan) in enumerate(requests):
-                    nursery.start_soon(run_one, index, request, plan)
-            display.cancel_scope.cancel()
-        if progress is not None:
-            progress.clear()
+        try:
+            async with trio.open_nursery() as display:
+                if progress is not None and progress.live:
+                    display.start_soon(progress.tick)
+                async with trio.open_nursery() as nursery:
+                    for index, (request, plan) in enumerate(requests):
+                        nursery.start_soon(run_one, index, request, plan)
+                display.cancel_scope.cancel()
+        finally:
+            if progress is not None:
+                progress.clear()  # also on Ctrl-C: leave the shell prompt on a clean line
     ok = all(outcome is not None and outcome.ok for outcome in outcomes)
     return EXIT_OK if ok else EXIT_FAILED
 
