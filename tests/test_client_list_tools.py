@@ -299,12 +299,17 @@ async def test_enum_parameter_is_checked_and_passed_as_member() -> None:
     seen: list[Any] = []
 
     @tools.tool("pick")
-    async def pick(colour: Colour) -> str:
-        seen.append(colour)
+    async def pick(colour: Colour, second: Colour | None = None) -> str:
+        seen.append((colour, second))
         return colour.value
 
     ok = await tools.call(Command(tool_name="pick", parameters={"colour": "red"}), _context())
-    assert (ok.status, ok.result, seen) == ("success", "red", [Colour.RED])
+    assert (ok.status, ok.result, seen) == ("success", "red", [(Colour.RED, None)])
+    both = await tools.call(
+        Command(tool_name="pick", parameters={"colour": "red", "second": "green"}), _context()
+    )
+    assert both.status == "success"
+    assert seen[-1] == (Colour.RED, Colour.GREEN)
     bad = await tools.call(Command(tool_name="pick", parameters={"colour": "blue"}), _context())
     assert bad.status == "failure"
     assert bad.error == (

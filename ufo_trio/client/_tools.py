@@ -91,6 +91,8 @@ class Tool:
     input_schema: Mapping[str, Any] = attrs.field(factory=dict)
     #: JSON Schema of the Result's ``result`` (from the return annotation; ``{}``: anything).
     output_schema: Mapping[str, Any] = attrs.field(factory=dict)
+    #: Parameters annotated with an Enum class: their wire values become members.
+    enum_parameters: Mapping[str, type[enum.Enum]] = attrs.field(factory=dict)
 
     @property
     def tool_key(self) -> str:
@@ -141,6 +143,7 @@ class ToolRegistry:
     def __init__(self, *, namespace: str = DEFAULT_NAMESPACE) -> None:
         self.namespace = namespace
         self._tools: dict[str, Tool] = {}
+        self._meta: dict[tuple[str, str], Tool] = {}
 
     def tool(
         self,
@@ -222,7 +225,13 @@ class ToolRegistry:
         return out
 
     def _meta_tool(self, tool_type: ToolType) -> Tool:
-        return _build(_list_tools_signature, LIST_TOOLS, tool_type, None, self.namespace)
+        key = (tool_type, self.namespace)
+        tool = self._meta.get(key)
+        if tool is None:
+            tool = self._meta[key] = _build(
+                _list_tools_signature, LIST_TOOLS, tool_type, None, self.namespace
+            )
+        return tool
 
     def names(self) -> list[str]:
         return sorted(self._tools)
@@ -267,10 +276,9 @@ class ToolRegistry:
                 tool.namespace,
             )
         kwargs = dict(command.parameters or {})
-        for name, (annotation, _required) in tool.parameters.items():
-            # An Enum parameter arrives as one of its values; the tool gets the member.
-            if isinstance(annotation, type) and issubclass(annotation, enum.Enum) and name in kwargs:
-                kwargs[name] = annotation(kwargs[name])
+        for name, enum_class in tool.enum_parameters.items():
+            if kwargs.get(name) is not None:  # a checked value: the tool gets the member
+                kwargs[name] = enum_class(kwargs[name])
         if tool.context_parameter is not None:
             kwargs[tool.context_parameter] = context
         try:
@@ -380,7 +388,24 @@ def _build(
             spec.parameters, spec.defaults, parameter_docs, accepts_extra=spec.accepts_extra
         ),
         output_schema=type_schema(spec.returns),
+        enum_parameters={
+            name: enum_class
+            for name, (annotation, _required) in spec.parameters.items()
+            if (enum_class := _enum_class(annotation)) is not None
+        },
     )
+
+
+def _enum_class(annotation: Any) -> type[enum.Enum] | None:
+    """The Enum class of an ``E`` or ``E | None`` annotation, else ``None``."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(members) != 1:
+            return None
+        annotation = members[0]
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return annotation
+    return None
 
 
 def _copy(schema: Mapping[str, Any]) -> dict[str, Any]:
