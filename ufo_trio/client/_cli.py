@@ -114,7 +114,7 @@ def add_subcommands(subparsers: Any) -> None:
     )
     _add_connection_options(task)
     task.add_argument("--client-id", help="constellation id to register (default: random)")
-    task.add_argument("--task-name", help="task name (suffixed -1, -2... for several plans)")
+    task.add_argument("--task-name", help="task name (suffixed -1, -2... for several requests)")
     task.add_argument(
         "--timeout", type=float, metavar="SECONDS", help="give up waiting after SECONDS"
     )
