@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +58,7 @@ class _Pending:
     done: trio.Event = attrs.field(factory=trio.Event)
     acked: bool = False
     task_name: str | None = None
+    on_ack: Callable[[str | None], None] | None = None
     outcome: TaskOutcome | None = None
     value: Any = None
     error: BaseException | None = None
@@ -107,13 +108,18 @@ class Constellation:
         task_name: str | None = None,
         session_id: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109  (part of the documented API)
+        on_ack: Callable[[str | None], None] | None = None,
     ) -> TaskOutcome:
         """Run a task on device *target* and return how it ended.
 
         *request* is the TASK text: a `Plan` or a mapping is sent as its JSON (the ``script``
-        agent's format, §4.7), a string as it is. A TASK the server refuses (for example
-        ``unknown_target``) comes back as a ``failed`` outcome with ``code`` set. Many calls
-        may run at once (at most 64, the server's per-client limit; more wait their turn).
+        agent's format, §4.7), a string as it is: a natural-language request for an agent
+        such as the server's ``llm`` agent, or JSON you built yourself. *on_ack* is called
+        with the server's task name when the server acknowledges the TASK (it runs in the
+        connection's reader: it must return quickly and not raise). A TASK the server refuses
+        (for example ``unknown_target``) comes back as a ``failed`` outcome with ``code`` set.
+        Many calls may run at once (at most 64, the server's per-client limit; more wait their
+        turn).
 
         Raises `ConnectionLost` if the connection ends before the task does, `RequestTimeout`
         after *timeout* seconds (the task may still run on the server: AIP cannot cancel a
@@ -138,7 +144,7 @@ class Constellation:
                 self._check()
                 if sid in self._tasks:
                     raise ValueError(f"session_id {sid!r} is already in flight on this connection")
-                pending = _Pending(key=sid, request_id=new_id())
+                pending = _Pending(key=sid, request_id=new_id(), on_ack=on_ack)
                 self._tasks[sid] = pending
                 self._requests[pending.request_id] = pending
                 try:
@@ -240,8 +246,11 @@ class Constellation:
             # A TASK ACK carries the session id (TASK-8); a heartbeat ack carries none.
             pending = self._tasks.get(frame.session_id or "")
             if pending is not None:
+                first = not pending.acked
                 pending.acked = True
                 pending.task_name = frame.task_name
+                if first and pending.on_ack is not None:
+                    pending.on_ack(frame.task_name)
         elif frame.type == "device_info_response":
             pending = self._requests.get(frame.response_id or "")
             if pending is not None:

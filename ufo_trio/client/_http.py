@@ -138,3 +138,37 @@ async def list_clients(
     if not isinstance(clients, list):
         raise ConnectFailed("GET /api/clients answered without an 'online_clients' list")
     return clients
+
+
+#: The detail of the task API's 404 for a session it does not (yet) know (api_contract).
+TASK_NOT_FOUND = "Task not found"
+
+
+async def get_task(
+    ws_url: str,
+    session_id: str,
+    *,
+    api_key: str | None,
+    wait: float = 5.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> dict[str, Any] | None:
+    """The server's task summary for *session_id* (``GET /api/tasks/{id}``), or ``None`` if
+    the server does not know that session (yet).
+
+    Raises `ApiUnavailable` if the server has no task API (any other 404),
+    `AuthenticationFailed` for 401/403 and `ConnectFailed` otherwise.
+    """
+    path = f"/api/tasks/{urllib.parse.quote(session_id, safe='')}"
+    response = await get_json(ws_url, path, api_key=api_key, wait=wait, ssl_context=ssl_context)
+    detail = response.body.get("detail") if isinstance(response.body, dict) else None
+    if response.status == 404:
+        if detail == TASK_NOT_FOUND:
+            return None
+        raise ApiUnavailable("this server does not offer the task API (GET /api/tasks/...)")
+    if response.status in (401, 403):
+        raise AuthenticationFailed(
+            f"the HTTP API refused the request ({response.status}: {detail or 'no detail'})"
+        )
+    if response.status != 200 or not isinstance(response.body, dict):
+        raise ConnectFailed(f"GET {path} answered HTTP {response.status}")
+    return response.body
