@@ -12,8 +12,9 @@ import attrs
 import trio
 
 from ._agents import AgentFactory, load_agent_factory
+from ._api import Api
 from ._endpoint import handle_stream
-from ._http import HttpApi
+from ._http import HttpService
 from ._registry import Registry
 from ._sessions import SHUTTING_DOWN, SessionManager
 
@@ -41,7 +42,7 @@ class Server:
     port: int = 0
     registry: Registry = attrs.field(factory=Registry)
     sessions: SessionManager = attrs.field(init=False)
-    http: HttpApi = attrs.field(init=False)
+    http: HttpService = attrs.field(init=False)
     api_key_bytes: bytes = attrs.field(init=False)
     allowed_origins: frozenset[str] = attrs.field(init=False)
     connections: set[Connection] = attrs.field(factory=set)
@@ -56,7 +57,7 @@ class Server:
 
     def __attrs_post_init__(self) -> None:
         self.sessions = SessionManager(self, self.agent_factory)
-        self.http = HttpApi(self)
+        self.http = HttpService(Api(self).respond, self)
         self.api_key_bytes = self.api_key.encode("utf-8", "surrogateescape")
         self.allowed_origins = frozenset(o.strip().lower() for o in self.config.allowed_origins)
 
