@@ -148,8 +148,9 @@ class Route:
     needs_key: bool = True
     _segments: tuple[str, ...] = attrs.field(init=False, repr=False, eq=False)
 
-    def __attrs_post_init__(self) -> None:
-        object.__setattr__(self, "_segments", tuple(self.pattern.split("/")))
+    @_segments.default
+    def _split(self) -> tuple[str, ...]:
+        return tuple(self.pattern.split("/"))
 
     def params(self, path: str) -> dict[str, str] | None:
         """The `{name}` values if `path` matches the pattern, else None."""

@@ -428,7 +428,13 @@ class HttpConnection:
     def unread_input(self) -> bool:
         """Whether the peer may still be sending (closing now could reset our answer)."""
         conn = self._h11
-        return conn.their_state not in (h11.DONE, h11.CLOSED) or bool(conn.trailing_data[0])
+        try:  # first discard what is already buffered of the request (e.g. a GET's empty body)
+            while conn.their_state is h11.SEND_BODY and conn.next_event() is not h11.NEED_DATA:
+                pass
+        except h11.RemoteProtocolError:
+            return True
+        done = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)  # their request was read to its end
+        return conn.their_state not in done or bool(conn.trailing_data[0])
 
     def _headers(
         self, extra: tuple[tuple[bytes, bytes], ...], close: bool
@@ -525,7 +531,9 @@ class HttpService:
             if isinstance(reply, StreamReply):
                 _log(http.remote, head, reply.status)
                 with self._interruptible_scope() as scope:
-                    await http.send_stream(reply, scope)
+                    ended = await http.send_stream(reply, scope)
+                if ended and http.unread_input():
+                    await linger(http.stream)
                 return
             _log(http.remote, head, reply.status)
             if not await http.send(reply, closing=self._shutdown.shutting_down):
