@@ -16,10 +16,11 @@ import trio
 import trio.testing
 from wire_helpers import memory_http
 
-from ufo_trio._api import ROUTES, Api, ApiContext, Request, Route, match_route
+from ufo_trio._api import ROUTES, Api, ApiContext, Request, Route, api_key_problem, match_route
 from ufo_trio._http import (
     HttpService,
     Reply,
+    RequestHead,
     StreamReply,
     error_reply,
     json_reply,
@@ -106,6 +107,41 @@ def test_first_matching_row_wins() -> None:
     match = match_route("GET", "/static/app.js", routes)
     assert match is not None
     assert match.route is routes[0]
+
+
+# --------------------------------------------------------------------- the API key (sync)
+
+
+def _head(*headers: bytes) -> RequestHead:
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(
+        b"GET /api/clients HTTP/1.1\r\nHost: localhost\r\n"
+        + b"".join(h + b"\r\n" for h in headers)
+        + b"\r\n"
+    )
+    request = conn.next_event()
+    assert isinstance(request, h11.Request)
+    return RequestHead(conn, request, b"")
+
+
+@pytest.mark.parametrize(
+    ("headers", "problem"),
+    [
+        ((), "Missing API key"),
+        ((b"X-API-Key: ",), "Missing API key"),  # blank is no credential at all
+        ((b"Authorization: Basic a2V5",), "Missing API key"),  # not a Bearer token
+        ((b"X-API-Key: key",), None),
+        ((b"Authorization: Bearer key",), None),
+        ((b"authorization: bearer   key  ",), None),
+        ((b"X-API-Key: key", b"Authorization: Bearer key"), None),
+        ((b"X-API-Key: nope",), "Invalid API key"),
+        ((b"X-API-Key: key", b"Authorization: Bearer nope"), "Invalid API key"),  # never a guess
+        ((b"X-API-Key: key", b"X-API-Key: nope"), "Invalid API key"),
+        ((b"X-API-Key: k\xc3\xa9y",), "Invalid API key"),  # non-ASCII: a mismatch, not a 500
+    ],
+)
+def test_api_key_problem_auth4_auth2(headers: tuple[bytes, ...], problem: str | None) -> None:
+    assert api_key_problem(_head(*headers), b"key") == problem
 
 
 # ------------------------------------------------------------------------- reply values (sync)
