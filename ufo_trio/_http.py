@@ -218,19 +218,21 @@ class HttpConnection:
 
     # ------------------------------------------------------------------ reading
 
-    async def read_head(self) -> RequestHead | int | None:
+    async def read_head(self, deadline: float | None = None) -> RequestHead | int | None:
         """The next request head; or the status to refuse with (LIM-3, malformed); or None.
 
-        None: the peer closed, or sent no complete head within `--registration-timeout`
-        (LIM-2; logged as a refusal for a first head and for a partly sent one, not for an idle
-        kept-alive connection).
+        None: the peer closed, or sent no complete head by `deadline` (LIM-2; default: now +
+        `--registration-timeout`; logged as a refusal for a first head and for a partly sent
+        one, not for an idle kept-alive connection).
         """
         first, self._first = self._first, False
         config = self.config
         conn = self._h11
         buffered = len(conn.trailing_data[0])  # pipelined bytes already received
         raw = bytearray()
-        with trio.move_on_after(config.registration_timeout):
+        if deadline is None:
+            deadline = trio.current_time() + config.registration_timeout
+        with trio.move_on_at(deadline):
             while True:
                 try:
                     event = conn.next_event()
