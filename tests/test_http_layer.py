@@ -172,7 +172,8 @@ def test_sse_event_format() -> None:
 
 def _with_routes(server: Server, *extra: Route) -> None:
     """Serve `ROUTES` plus `extra` from now on (what a later endpoint does in the table)."""
-    server.http = HttpService(Api(server, (*ROUTES, *extra)).respond, server)
+    api = Api(ApiContext(shared=server.context, sessions=server.sessions), (*ROUTES, *extra))
+    server.http = HttpService(api.respond, server.context.shutdown)
 
 
 async def test_a_public_route_with_its_own_headers_skips_the_key_not_the_host_check() -> None:

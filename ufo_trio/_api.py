@@ -12,7 +12,7 @@ goes through these steps in order (§6):
 5. the handler, which returns a `Reply` or a `StreamReply`.
 
 A handler is `async def handler(ctx: ApiContext, request: Request) -> Reply | StreamReply`; it
-gets only the narrow `ApiContext`, never the server. Request bodies are read only by handlers
+gets only the `ApiContext` (the shared `ServerContext` plus the sessions), never `Server`. Request bodies are read only by handlers
 that call `await request.body()`, so nobody without the key gets a body buffered. Adding an
 endpoint is one `Route` row in `ROUTES` plus its handler.
 """
@@ -31,6 +31,7 @@ import attrs
 import trio
 
 from ._codec import shown
+from ._context import ServerContext
 from ._errors import ConnectionGone
 from ._http import (
     HttpConnection,
@@ -49,9 +50,7 @@ from ._sessions import sanitize_task_name
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable, Sequence
 
-    from ._config import ServerConfig
     from ._http import Reply, StreamReply
-    from ._registry import Registry
     from ._sessions import ResultStore, Session
 
     #: What a route calls: the API's narrow context and the request → the answer.
@@ -92,26 +91,17 @@ class SessionsView(Protocol):
     def results(self) -> ResultStore: ...
 
 
-class ApiContext(Protocol):
-    """Everything the API and its handlers use of the server (a narrow view, not `Server`).
+@attrs.frozen(kw_only=True, eq=False)
+class ApiContext:
+    """What the API and every handler get: the server's shared context plus the sessions.
 
-    The TASK assignment of HTTP-3 is sent through the registry entry's connection.
+    `shared` holds config, registry (the TASK assignment of HTTP-3 is sent through a registry
+    entry's connection), credentials and shutdown state, and later the subsystems (task store,
+    metrics, event stream); handlers never see `Server`.
     """
 
-    @property
-    def config(self) -> ServerConfig: ...
-
-    @property
-    def registry(self) -> Registry: ...
-
-    @property
-    def sessions(self) -> SessionsView: ...
-
-    @property
-    def api_key_bytes(self) -> bytes: ...
-
-    @property
-    def shutting_down(self) -> bool: ...
+    shared: ServerContext
+    sessions: SessionsView
 
 
 @attrs.frozen
@@ -220,7 +210,7 @@ class Api:
     def __init__(self, ctx: ApiContext, routes: Sequence[Route] | None = None) -> None:
         self.ctx = ctx
         self.routes: Sequence[Route] = ROUTES if routes is None else routes
-        self.check_host = is_loopback_host(ctx.config.host)
+        self.check_host = is_loopback_host(ctx.shared.config.host)
 
     async def respond(self, http: HttpConnection, head: RequestHead) -> Reply | StreamReply:
         """The answer to one request. Raises `PeerGone` if the peer left while we read it."""
@@ -240,7 +230,7 @@ class Api:
             allow = ", ".join(match.allow).encode()
             return error_reply(405, METHOD_NOT_ALLOWED, headers=((b"allow", allow),))
         if route.needs_key:
-            problem = api_key_problem(head, self.ctx.api_key_bytes)  # AUTH-4
+            problem = api_key_problem(head, self.ctx.shared.auth.api_key)  # AUTH-4
             if problem is not None:
                 return error_reply(401, problem, headers=((b"www-authenticate", b"Bearer"),))
         try:
@@ -260,12 +250,14 @@ class Api:
 
 async def list_clients(ctx: ApiContext, request: Request) -> Reply:
     """HTTP-1: every registered id, both roles, in registration order."""
-    return json_reply(200, {"online_clients": ctx.registry.online_ids()})
+    return json_reply(200, {"online_clients": ctx.shared.registry.online_ids()})
 
 
 async def health(ctx: ApiContext, request: Request) -> Reply:
     """HTTP-2: as HTTP-1 plus `status` (the key is required, as for every route)."""
-    return json_reply(200, {"status": "healthy", "online_clients": ctx.registry.online_ids()})
+    return json_reply(
+        200, {"status": "healthy", "online_clients": ctx.shared.registry.online_ids()}
+    )
 
 
 # --------------------------------------------------------------------- handlers: dispatch
@@ -296,7 +288,7 @@ async def dispatch(ctx: ApiContext, request: Request) -> Reply:
             return error_reply(400, INVALID_TASK_NAME)
     else:
         task_name = new_id()
-    entry = ctx.registry.get(client_id)
+    entry = ctx.shared.registry.get(client_id)
     if entry is None:
         return error_reply(404, CLIENT_NOT_ONLINE)
     session_id = new_id()

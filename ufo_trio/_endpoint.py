@@ -19,6 +19,8 @@ import trio
 
 from ._connection import Connection
 from ._http import HttpConnection, RequestHead
+from ._limits import log_refusal
+from ._tls import accept_tls
 from ._websocket import ServerWebSocket, open_server_websocket
 
 if TYPE_CHECKING:
@@ -96,13 +98,30 @@ async def handle_stream(server: Server, stream: trio.abc.Stream) -> None:
     config = server.config
     counted = False
     try:
-        http = HttpConnection(stream, remote, config)
         if config.max_connections and server.open_streams >= config.max_connections:
-            await http.refuse_connection()
+            if server.tls is not None:  # a plain-text 503 would read as a TLS failure: just close
+                log_refusal(remote, "max-connections", str(config.max_connections))
+                return
+            await HttpConnection(stream, remote, config).refuse_connection()
             return
         server.open_streams += 1
         counted = True
-        head = await http.read_head()  # LIM-2, LIM-3
+        deadline = trio.current_time() + config.registration_timeout  # LIM-2
+        if server.tls is not None:  # the TLS handshake counts against LIM-2 too
+            tls_stream = None
+            with trio.move_on_at(deadline) as handshake:
+                tls_stream = await accept_tls(stream, server.tls.context, remote)
+            if handshake.cancelled_caught:
+                log_refusal(
+                    remote,
+                    "registration-timeout",
+                    f"{config.registration_timeout:g}s for the request head",
+                )
+            if tls_stream is None:
+                return
+            stream = tls_stream
+        http = HttpConnection(stream, remote, config)
+        head = await http.read_head(deadline)  # LIM-2, LIM-3
         if head is None:
             return
         if isinstance(head, int):
@@ -157,11 +176,18 @@ async def _serve_websocket(
         if ws is None:  # wsproto refused the handshake (e.g. no key)
             nursery.cancel_scope.cancel()
             return
-        conn = Connection(server=server, ws=ws, stream=stream, nursery=nursery, remote=remote)
+        conn = Connection(
+            context=server.context,
+            sessions=server.sessions,
+            ws=ws,
+            stream=stream,
+            nursery=nursery,
+            remote=remote,
+        )
         log.info("%s connected", remote)
         server.connections.add(conn)
         try:
-            await conn.run()
+            await conn.run(server.handler)
         finally:
             server.connections.discard(conn)
             nursery.cancel_scope.cancel()

@@ -22,7 +22,7 @@ import logging
 import math
 import re
 import urllib.parse
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import h11
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator
 
     from ._config import ServerConfig
+    from ._context import Shutdown
 
 log = logging.getLogger("ufo_trio")
 
@@ -473,13 +474,6 @@ class HttpConnection:
 # --------------------------------------------------------------------------- one server
 
 
-class ShutdownState(Protocol):
-    """What the HTTP side needs to know about shutdown."""
-
-    @property
-    def shutting_down(self) -> bool: ...
-
-
 class HttpService:
     """The plain-HTTP side of one server (one object per server, shared by its connections).
 
@@ -492,7 +486,7 @@ class HttpService:
     def __init__(
         self,
         respond: Callable[[HttpConnection, RequestHead], Awaitable[Reply | StreamReply]],
-        shutdown: ShutdownState,
+        shutdown: Shutdown,
     ) -> None:
         self._respond = respond
         self._shutdown = shutdown
@@ -512,7 +506,7 @@ class HttpService:
     def _interruptible_scope(self) -> Iterator[trio.CancelScope]:
         """A cancel scope (for the caller to enter) that `close_idle` cancels."""
         scope = trio.CancelScope()
-        if self._shutdown.shutting_down:
+        if self._shutdown.started:
             scope.cancel()
         self._interruptible.add(scope)
         try:
@@ -538,9 +532,9 @@ class HttpService:
                     await linger(http.stream)
                 return
             _log(http.remote, head, reply.status)
-            if not await http.send(reply, closing=self._shutdown.shutting_down):
+            if not await http.send(reply, closing=self._shutdown.started):
                 return
-            stop = reply.close or unsent_body or self._shutdown.shutting_down
+            stop = reply.close or unsent_body or self._shutdown.started
             if stop or not await http.next_cycle():
                 if http.unread_input():
                     await linger(http.stream)

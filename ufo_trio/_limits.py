@@ -72,7 +72,7 @@ def message_bucket(config: ServerConfig) -> TokenBucket | None:
 
 async def refuse_rate_limited(conn: Connection) -> None:
     """A connection sent frames faster than its bucket allows: ERROR, then close 1008."""
-    config = conn.server.config
+    config = conn.context.config
     log_refusal(
         conn.label, "message-rate", f"{config.message_rate:g}/s, burst {config.message_burst}"
     )

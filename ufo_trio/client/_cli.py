@@ -32,15 +32,18 @@ from ._http import ApiUnavailable, list_clients
 from ._link import check_url
 from ._outcome import TaskOutcome, format_outcome
 from ._plan import Plan, load_plan
+from ._tls import client_context
 from ._tools import ToolRegistry
 from ._util import single_error
 
 if TYPE_CHECKING:
+    import ssl
     from collections.abc import Awaitable, Callable, Sequence
 
 DEFAULT_URL = "ws://127.0.0.1:5000/ws"
 URL_ENV = "UFO_TRIO_URL"
 API_KEY_ENV = "UFO_TRIO_API_KEY"
+CA_ENV = "UFO_TRIO_CA"
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -141,15 +144,47 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-key", default=None, help=f"the server's API key (default: ${API_KEY_ENV})"
     )
+    parser.add_argument(
+        "--ca",
+        metavar="FILE",
+        default=None,
+        help=f"trust only the CA certificate(s) in FILE (PEM) for wss:// and https:// "
+        f"(default: ${CA_ENV}, else the system trust store)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="do NOT verify the server's TLS certificate (testing only; warns on every start)",
+    )
 
 
-def _url(args: argparse.Namespace) -> str:
+def _url(args: argparse.Namespace, *, http_ok: bool = False) -> str:
     url: str = args.url or os.environ.get(URL_ENV) or DEFAULT_URL
+    if http_ok and url.split(":", 1)[0].lower() in ("http", "https"):
+        url = "ws" + url[4:]  # the HTTP API lives on the same port as the WebSocket
     try:
         check_url(url)
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
     return url
+
+
+def _ssl_context(args: argparse.Namespace, command: str) -> ssl.SSLContext | None:
+    """The TLS context for --ca / $UFO_TRIO_CA / --insecure; None: the system default."""
+    ca: str | None = args.ca or os.environ.get(CA_ENV) or None
+    if args.insecure:
+        print(
+            f"ufo_trio {command}: warning: --insecure: the server's TLS certificate is NOT "
+            "verified; anyone on the network path can read the API key",
+            file=sys.stderr,
+            flush=True,
+        )
+    if ca is None and not args.insecure:
+        return None
+    try:
+        return client_context(ca, insecure=args.insecure)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
 
 
 def _api_key(args: argparse.Namespace) -> str | None:
@@ -253,6 +288,7 @@ def _configure_logging(verbose: bool) -> None:
 
 async def _device_main(args: argparse.Namespace) -> int:
     url = _url(args)
+    context = _ssl_context(args, "device")
     tools = _device_tools(args)
     _configure_logging(args.verbose)
     # SIGINT too: a device started in the background of a script has KeyboardInterrupt
@@ -266,6 +302,7 @@ async def _device_main(args: argparse.Namespace) -> int:
             platform=args.platform,
             heartbeat_interval=args.heartbeat_interval,
             reconnect=None if args.no_reconnect else Backoff(),
+            ssl_context=context,
         ) as device:
             print(
                 f"device {device.client_id!r} connected to {device.url} "
@@ -307,12 +344,13 @@ def _plans(args: argparse.Namespace) -> list[tuple[str, Plan | None]]:
 
 async def _task_main(args: argparse.Namespace) -> int:
     url = _url(args)
+    context = _ssl_context(args, "task")
     plans = _plans(args)
     client_id = args.client_id or f"cli-{uuid.uuid4().hex[:8]}"
     outcomes: list[TaskOutcome | None] = [None] * len(plans)
 
     async with open_constellation(
-        url, client_id, target_id=args.target, api_key=_api_key(args)
+        url, client_id, target_id=args.target, api_key=_api_key(args), ssl_context=context
     ) as constellation:
 
         async def run_one(index: int, request: str, plan: Plan | None) -> None:
@@ -356,9 +394,10 @@ def _describe_client(entry: Any) -> str:
 
 
 async def _clients_main(args: argparse.Namespace) -> int:
-    url = _url(args)
+    url = _url(args, http_ok=True)
+    context = _ssl_context(args, "clients")
     try:
-        clients = await list_clients(url, api_key=_api_key(args))
+        clients = await list_clients(url, api_key=_api_key(args), ssl_context=context)
     except ApiUnavailable as exc:
         _fail("clients", f"{exc}; this command needs a server with the HTTP API")
         return EXIT_FAILED

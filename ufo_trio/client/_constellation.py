@@ -21,7 +21,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -30,7 +30,7 @@ from ._errors import ConnectionLost, DeviceNotFound, RequestRejected, RequestTim
 from ._link import Link, check_url, open_link, redact
 from ._outcome import TaskOutcome
 from ._plan import Plan
-from ._util import single_error
+from ._util import raise_single_error
 from ._wire import (
     ServerFrame,
     device_info_request_frame,
@@ -39,6 +39,9 @@ from ._wire import (
     register_frame,
     task_frame,
 )
+
+if TYPE_CHECKING:
+    import ssl
 
 logger = logging.getLogger("ufo_trio.client")
 
@@ -291,6 +294,7 @@ async def open_constellation(
     heartbeat_interval: float = 30.0,
     connect_timeout: float = 10.0,
     registration_timeout: float = 30.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Constellation]:
     """Connect to *url* as constellation *client_id* for the duration of the block.
 
@@ -299,7 +303,9 @@ async def open_constellation(
     devices. The connection is not re-established if lost: pending calls raise
     `ConnectionLost`, and so do later ones.
 
-    Entering raises `ValueError`, `AuthenticationFailed`, `ConnectFailed`,
+    A ``wss://`` URL is verified with *ssl_context* (default: the system trust store).
+
+    Entering raises `ValueError`, `AuthenticationFailed`, `TLSError`, `ConnectFailed`,
     `RegistrationRefused` or `ConnectionLost`.
     """
     check_url(url)
@@ -319,6 +325,7 @@ async def open_constellation(
             client_id=client_id,
             connect_timeout=connect_timeout,
             registration_timeout=registration_timeout,
+            ssl_context=ssl_context,
         ) as link:
             constellation = Constellation(
                 client_id=client_id, url=redact(url), target_id=target_id, link=link
@@ -332,7 +339,4 @@ async def open_constellation(
                 finally:
                     nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        error = single_error(group)
-        if error is None:
-            raise
-        raise error from None
+        raise_single_error(group)
