@@ -12,9 +12,9 @@ goes through these steps in order (§6):
 5. the handler, which returns a `Reply` or a `StreamReply`.
 
 A handler is `async def handler(ctx: ApiContext, request: Request) -> Reply | StreamReply`; it
-gets only the `ApiContext` (the shared `ServerContext` plus the sessions), never `Server`. Request bodies are read only by handlers
-that call `await request.body()`, so nobody without the key gets a body buffered. Adding an
-endpoint is one `Route` row in `ROUTES` plus its handler.
+gets only the `ApiContext` (the shared `ServerContext` plus the sessions), never `Server`.
+Request bodies are read only by handlers that call `await request.body()`, so nobody without the
+key gets a body buffered. Adding an endpoint is one `Route` row in `ROUTES` plus its handler.
 """
 
 from __future__ import annotations
