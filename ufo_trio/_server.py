@@ -11,10 +11,11 @@ import attrs
 import trio
 
 from ._agents import AgentFactory, load_agent_factory
+from ._api import Api, ApiContext
 from ._context import Auth, ServerContext
 from ._endpoint import handle_stream
 from ._handlers import AipHandler
-from ._http import HttpApi
+from ._http import HttpService
 from ._registry import Registry
 from ._rules import SHUTTING_DOWN
 from ._sessions import SessionManager
@@ -52,7 +53,8 @@ class Server:
     sessions: SessionManager = attrs.field(init=False)
     #: The protocol driver every WebSocket connection runs (`Connection.run(handler)`).
     handler: AipHandler = attrs.field(init=False)
-    http: HttpApi = attrs.field(init=False)
+    #: The plain-HTTP side: keep-alive connections and streams, answered by the API of `_api`.
+    http: HttpService = attrs.field(init=False)
     connections: set[Connection] = attrs.field(factory=set)
     #: Accepted TCP connections being served, HTTP or WebSocket (`--max-connections`).
     open_streams: int = 0
@@ -70,10 +72,11 @@ class Server:
         )
         self.sessions = SessionManager(self.context, self.agent_factory)
         self.handler = AipHandler(self.context, self.sessions)
-        self.http = HttpApi(self)
+        api = Api(ApiContext(shared=self.context, sessions=self.sessions))
+        self.http = HttpService(api.respond, self.context.shutdown)
 
     # The shutdown state and the credentials live in `context`; these read them for the listener
-    # side (`_endpoint`), the CLI, tests and `_http` (until it takes the context itself).
+    # side (`_endpoint`), the CLI and tests.
 
     @property
     def shutting_down(self) -> bool:
