@@ -124,6 +124,9 @@ _SERVE_FLAGS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("--db-retention-days", _days, DB_RETENTION_DAYS, "delete ended tasks older than this; 0 = keep"),
     ("--db-max-tasks", _count, DB_MAX_TASKS, "keep at most this many tasks; 0 = no cap"),
     ("--db-max-result-bytes", _size, DB_MAX_RESULT_BYTES, "largest task result stored (JSON bytes)"),
+    # Built-in TLS (docs/operations.md "TLS"): both or neither; SIGHUP reloads the pair.
+    ("--tls-cert", str, None, "PEM certificate chain: serve wss:// and https:// on the port"),
+    ("--tls-key", str, None, "PEM private key of --tls-cert"),
 ]
 
 
@@ -194,7 +197,11 @@ def _startup_line(server: Server) -> str:
 
 
 async def _serve_until_signalled(config: ServerConfig) -> int:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # SIGHUP reloads the TLS certificate; without TLS it keeps its default meaning (stop).
+    wanted = [signal.SIGINT, signal.SIGTERM]
+    if config.tls_cert is not None:
+        wanted.append(signal.SIGHUP)
+    with trio.open_signal_receiver(*wanted) as signals:
         async with trio.open_nursery() as nursery:
             try:
                 server: Server = await nursery.start(serve, config)
@@ -217,13 +224,18 @@ async def _serve_until_signalled(config: ServerConfig) -> int:
             gc.freeze()
 
             async def watch_signals() -> None:
+                log = logging.getLogger("ufo_trio")
                 async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if signum == signal.SIGHUP:
+                        log.info("received %s: reloading the TLS certificate", name)
+                        if server.tls is not None:
+                            await server.tls.reload()  # logs the outcome; never raises
+                        continue
                     if server.shutting_down:  # a second signal: stop now
                         nursery.cancel_scope.cancel()
                         return
-                    logging.getLogger("ufo_trio").info(
-                        "received %s", signal.Signals(signum).name
-                    )
+                    log.info("received %s", name)
                     server.request_shutdown()
 
             nursery.start_soon(watch_signals)
