@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import secrets
+import time
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -19,6 +21,8 @@ from ._http import HttpService
 from ._registry import Registry
 from ._rules import SHUTTING_DOWN
 from ._sessions import SessionManager
+from ._store import TaskStore
+from ._store_sql import OnlineClient
 from ._tls import ServerTLS, load_tls
 
 if TYPE_CHECKING:
@@ -69,6 +73,7 @@ class Server:
             config=self.config,
             registry=self.registry,
             auth=Auth.build(self.api_key, self.config.allowed_origins),
+            store=TaskStore.from_config(self.config, online=partial(online_clients, self.registry)),
         )
         self.sessions = SessionManager(self.context, self.agent_factory)
         self.handler = AipHandler(self.context, self.sessions)
@@ -116,9 +121,35 @@ class Server:
         *,
         task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Accept on `listeners` (may be empty) until shutdown completes or we are cancelled."""
+        """Accept on `listeners` (may be empty) until shutdown completes or we are cancelled.
+
+        The server nursery holds the subsystems' owner tasks (the task store, opened before
+        anything is accepted: `StoreError`) and the connection nursery; the store is flushed
+        and closed once the connection nursery is done, within what is left of the grace.
+        """
+        store = self.context.store
         try:
-            async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as server_nursery:
+                if store is not None:
+                    await server_nursery.start(store.run)
+                try:
+                    await self._serve(listeners, task_status)
+                finally:
+                    if store is not None:
+                        left = self.context.shutdown.deadline - trio.current_time()
+                        store.close(min(left, self.config.shutdown_grace))
+        finally:
+            for listener in listeners:
+                with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                    await listener.aclose()
+            self._stopped.set()
+            log.info("stopped")
+
+    async def _serve(
+        self, listeners: list[trio.SocketListener], task_status: trio.TaskStatus[Server]
+    ) -> None:
+        try:
+            async with trio.open_nursery() as nursery:  # the connection nursery
                 self._nursery = nursery
                 accept_scope = trio.CancelScope()
 
@@ -136,11 +167,6 @@ class Server:
                 await self._graceful_stop(accept_scope, nursery)
         finally:
             self._nursery = None
-            for listener in listeners:
-                with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                    await listener.aclose()
-            self._stopped.set()
-            log.info("stopped")
 
     async def _graceful_stop(self, accept_scope: trio.CancelScope, nursery: trio.Nursery) -> None:
         accept_scope.cancel()  # SHUT-1: stop accepting
@@ -158,6 +184,32 @@ class Server:
             await self.sessions.cancel_all(SHUTTING_DOWN)
         for conn in list(self.connections):  # SHUT-2
             conn.close(1001, "server shutting down")
+
+
+def online_clients(registry: Registry) -> list[OnlineClient]:
+    """Who is connected now, for GET /api/devices. Trio times become wall clock here, on read,
+    by one offset taken now (nothing per heartbeat but a float)."""
+    now = trio.current_time()
+    wall = time.time()
+
+    def at(moment: float | None) -> str | None:
+        if moment is None:
+            return None
+        return datetime.datetime.fromtimestamp(wall - (now - moment), datetime.UTC).isoformat()
+
+    return [
+        OnlineClient(
+            client_id=e.client_id,
+            role=e.role.value,
+            platform=e.platform,
+            connected_at=e.registered_at or None,
+            last_heartbeat=at(e.last_heartbeat),
+            sessions_running=len(e.connection.executing),
+            target_id=e.target_id,
+            system_info=e.system_info,
+        )
+        for e in registry
+    ]
 
 
 def build_server(

@@ -206,6 +206,9 @@ class TaskStore:
         self._started = False
         self._closing = False
         self._stopped = trio.Event()
+        #: Set by the writer thread as it exits (what `run` waits for at shutdown).
+        self._writer_exited = threading.Event()
+        self._flush_within: float | None = None
         # Who closes the connections and drops the lock: `run`, or a writer `run` gave up on.
         self._handoff = threading.Lock()
         self._writer_done = False
@@ -277,8 +280,12 @@ class TaskStore:
         finally:
             self._closing = True
             self._queue.put(("stop",))
-            with trio.CancelScope(shield=True), trio.move_on_after(self.flush_timeout):
-                await self._stopped.wait()
+            within = self.flush_timeout if self._flush_within is None else self._flush_within
+            with trio.CancelScope(shield=True):
+                # Waited for in a worker thread with a real-time bound rather than under a Trio
+                # deadline: the writer is a real thread, and an autojumping MockClock would
+                # otherwise jump to the deadline before the writer could commit.
+                await trio.to_thread.run_sync(self._writer_exited.wait, max(within, 0.0))
             with self._handoff:
                 if self._writer_done:
                     self._close_connections()
@@ -291,8 +298,11 @@ class TaskStore:
                         self.flush_timeout,
                     )
 
-    def close(self) -> None:
-        """Ask `run` to flush everything queued and return (call after the sessions ended)."""
+    def close(self, within: float | None = None) -> None:
+        """Ask `run` to flush everything queued and return (call after the sessions ended);
+        `within` seconds at most (default `flush_timeout`), e.g. what is left of the grace."""
+        if within is not None:
+            self._flush_within = within
         self._stop_requested.set()
 
     async def aclose(self) -> None:
@@ -431,7 +441,8 @@ class TaskStore:
     async def task_accepted(self, record: TaskRecord) -> None:
         """Record a new task; returns once it is committed (or kept in memory after a disk
         error, or after `commit_wait` seconds), so the row exists before the ACK goes out."""
-        await self._put(("accepted", record), essential=True, durable=True)
+        # In memory nothing is durable: no wait, so the ACK is not held up for nothing.
+        await self._put(("accepted", record), essential=True, durable=not self._memory)
 
     def task_acked(self, session_id: str, at: str) -> None:
         """The ACK went out (never waits; a task row op, so never dropped)."""
@@ -494,11 +505,16 @@ class TaskStore:
                 log.error("task store: stopped; %s for %s not recorded", op[0], _op_subject(op))
             return
         if self._queue.qsize() >= self._queue_size:
-            with trio.move_on_after(self._full_wait):
-                while self._queue.qsize() >= self._queue_size:
-                    if self._room.is_set():
-                        self._room = trio.Event()
-                    await self._room.wait()
+            try:
+                with trio.move_on_after(self._full_wait):
+                    while self._queue.qsize() >= self._queue_size:
+                        if self._room.is_set():
+                            self._room = trio.Event()
+                        await self._room.wait()
+            except trio.Cancelled:
+                if essential:  # e.g. a shutdown deadline: a task row is queued all the same
+                    self._queue.put(op)
+                raise
             if self._queue.qsize() >= self._queue_size and not essential:
                 self.dropped_full += 1
                 now = trio.current_time()
@@ -586,6 +602,7 @@ class TaskStore:
                 if self._abandoned:
                     self._close_connections()
                     self._release_lock()
+            self._writer_exited.set()
             self._call_trio(self._stopped.set)
 
     def _drain(self, timeout: float | None) -> tuple[list[tuple[Any, ...]], bool]:
