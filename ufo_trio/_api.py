@@ -335,8 +335,9 @@ async def dispatch(ctx: ApiContext, request: Request) -> Reply:
 async def task_result(ctx: ApiContext, request: Request) -> Reply:
     """HTTP-4: never blocks; pending while a live session has the name or it is unknown.
 
-    Latest by name (RES-1): a live session, then this run's outcomes in memory, then the task
-    history (earlier runs, or an outcome the bounded memory store has let go), read in a thread.
+    Latest by name (RES-1): a live session, then this run's outcomes in memory, then a task
+    history file (earlier runs, or an outcome the bounded memory store has let go), read in a
+    thread. With `--db :memory:` the answer is what it always was (nothing outlives the run).
     """
     name = sanitize_task_name(urllib.parse.unquote(request.params["task_name"]))
     sessions = ctx.sessions
@@ -345,7 +346,7 @@ async def task_result(ctx: ApiContext, request: Request) -> Reply:
     record = sessions.results.by_task_name(name)
     if record is None:
         store = ctx.shared.store
-        if store is None:
+        if store is None or not store.persistent:
             return json_reply(200, {"status": "pending"})
         try:
             return json_reply(200, await store.task_result(name))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import secrets
@@ -21,11 +22,13 @@ from ._http import HttpService
 from ._registry import Registry
 from ._rules import SHUTTING_DOWN
 from ._sessions import SessionManager
-from ._store import TaskStore
+from ._store import StoreError, TaskStore
 from ._store_sql import OnlineClient
 from ._tls import ServerTLS, load_tls
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from ._config import ServerConfig
     from ._connection import Connection
 
@@ -67,6 +70,7 @@ class Server:
     _nursery: trio.Nursery | None = None
     #: Built-in TLS (`--tls-cert`/`--tls-key`), or None for plain ws:// and http://.
     tls: ServerTLS | None = None
+    _served: bool = False
 
     def __attrs_post_init__(self) -> None:
         self.context = ServerContext(
@@ -129,21 +133,31 @@ class Server:
         """
         store = self.context.store
         try:
-            async with trio.open_nursery() as server_nursery:
-                if store is not None:
-                    await server_nursery.start(store.run)
-                try:
-                    await self._serve(listeners, task_status)
-                finally:
-                    if store is not None:
-                        left = self.context.shutdown.deadline - trio.current_time()
-                        store.close(min(left, self.config.shutdown_grace))
+            with _unwrapped(StoreError):
+                await self._run_nursery(store, listeners, task_status)
         finally:
             for listener in listeners:
                 with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                     await listener.aclose()
             self._stopped.set()
-            log.info("stopped")
+            if self._served:
+                log.info("stopped")
+
+    async def _run_nursery(
+        self,
+        store: TaskStore | None,
+        listeners: list[trio.SocketListener],
+        task_status: trio.TaskStatus[Server],
+    ) -> None:
+        async with trio.open_nursery() as server_nursery:
+            if store is not None:
+                await server_nursery.start(store.run)
+            try:
+                await self._serve(listeners, task_status)
+            finally:
+                if store is not None:  # what is left of the grace, but a second at least
+                    left = self.context.shutdown.deadline - trio.current_time()
+                    store.close(min(max(left, 1.0), self.config.shutdown_grace))
 
     async def _serve(
         self, listeners: list[trio.SocketListener], task_status: trio.TaskStatus[Server]
@@ -163,6 +177,7 @@ class Server:
                     nursery.start_soon(accept)
                     log.info("listening on %s", self.url)
                 task_status.started(self)
+                self._served = True
                 await self._shutdown.wait()
                 await self._graceful_stop(accept_scope, nursery)
         finally:
@@ -184,6 +199,18 @@ class Server:
             await self.sessions.cancel_all(SHUTTING_DOWN)
         for conn in list(self.connections):  # SHUT-2
             conn.close(1001, "server shutting down")
+
+
+@contextlib.contextmanager
+def _unwrapped(kind: type[Exception]) -> Iterator[None]:
+    """Raise a lone `kind` out of a nursery's exception group as itself (`StoreError` at
+    start-up is one line for the CLI, like `OSError` from binding)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], kind):
+            raise group.exceptions[0] from None
+        raise
 
 
 def online_clients(registry: Registry) -> list[OnlineClient]:

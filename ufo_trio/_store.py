@@ -431,10 +431,17 @@ class TaskStore:
     def _close_connections(self) -> None:
         with self._pool_lock:
             pool, self._read_pool = self._read_pool, []
-        for conn in [*pool, *([self._writer] if self._writer else [])]:
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
-        self._writer = None
+        # In memory a read abandoned by its caller may still be using the shared connection.
+        with self._mem_lock if self._memory else contextlib.nullcontext():
+            for conn in [*pool, *([self._writer] if self._writer else [])]:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            self._writer = None
+
+    @property
+    def persistent(self) -> bool:
+        """False for `:memory:`: nothing outlives the server."""
+        return not self._memory
 
     # ------------------------------------------------------------------------- writing (Trio side)
 
@@ -482,11 +489,12 @@ class TaskStore:
         await self._put(("ended", ended), essential=True)
 
     async def device_seen(self, device: DeviceRecord) -> None:
-        """A client registered (first/last seen, role, platform, system_info)."""
-        await self._put(("seen", device), essential=False)
+        """A client registered (first/last seen, role, platform, system_info). Never waits:
+        with the queue full it is dropped (counted) so registration is never held up."""
+        await self._put(("seen", device), essential=False, patient=False)
 
     async def device_gone(self, client_id: str, reason: str | None, at: str) -> None:
-        await self._put(("gone", client_id, reason, at), essential=False)
+        await self._put(("gone", client_id, reason, at), essential=False, patient=False)
 
     async def flush(self) -> None:
         """Wait until everything queued so far is committed (or kept after a disk error)."""
@@ -499,7 +507,9 @@ class TaskStore:
         with trio.move_on_after(self._commit_wait):
             await done.wait()
 
-    async def _put(self, op: tuple[Any, ...], *, essential: bool, durable: bool = False) -> None:
+    async def _put(
+        self, op: tuple[Any, ...], *, essential: bool, durable: bool = False, patient: bool = True
+    ) -> None:
         if self._closing:
             if essential:
                 log.error("task store: stopped; %s for %s not recorded", op[0], _op_subject(op))
@@ -507,7 +517,7 @@ class TaskStore:
         if self._queue.qsize() >= self._queue_size:
             try:
                 with trio.move_on_after(self._full_wait):
-                    while self._queue.qsize() >= self._queue_size:
+                    while patient and self._queue.qsize() >= self._queue_size:
                         if self._room.is_set():
                             self._room = trio.Event()
                         await self._room.wait()
@@ -927,7 +937,8 @@ class TaskStore:
     def _in_read_connection(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         if self._memory:
             with self._mem_lock:
-                assert self._writer is not None
+                if self._writer is None:
+                    raise sqlite3.ProgrammingError("the task store is closed")
                 return fn(self._writer, *args)
         with self._pool_lock:
             conn = self._read_pool.pop() if self._read_pool else None
