@@ -11,13 +11,16 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from ._agents import AgentFactory, load_agent_factory
 from ._endpoint import handle_stream
 from ._http import HttpApi
+from ._llm import OpenAIChatModel, build_agent
 from ._registry import Registry
 from ._sessions import SHUTTING_DOWN, SessionManager
 
 if TYPE_CHECKING:
+    import httpx
+
+    from ._agents import AgentFactory
     from ._config import ServerConfig
     from ._connection import Connection
 
@@ -53,6 +56,8 @@ class Server:
     _shutdown: trio.Event = attrs.field(factory=trio.Event)
     _stopped: trio.Event = attrs.field(factory=trio.Event)
     _nursery: trio.Nursery | None = None
+    #: The model client of the llm agent (its HTTP connection pool), owned by `run`.
+    model: OpenAIChatModel | None = None
 
     def __attrs_post_init__(self) -> None:
         self.sessions = SessionManager(self, self.agent_factory)
@@ -89,6 +94,17 @@ class Server:
         task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept on `listeners` (may be empty) until shutdown completes or we are cancelled."""
+        if self.model is None:
+            await self._run(listeners, task_status)
+            return
+        # The model client's connection pool outlives every session (they all end inside the
+        # server nursery) and is closed after them.
+        async with self.model:
+            await self._run(listeners, task_status)
+
+    async def _run(
+        self, listeners: list[trio.SocketListener], task_status: trio.TaskStatus[Server]
+    ) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -133,16 +149,25 @@ class Server:
             conn.close(1001, "server shutting down")
 
 
-def build_server(config: ServerConfig, *, port: int = 0) -> Server:
-    """A `Server` that is not yet running. Raises `ConfigError` for a bad `--agent`."""
+def build_server(
+    config: ServerConfig,
+    *,
+    port: int = 0,
+    model_transport: httpx.AsyncBaseTransport | None = None,
+) -> Server:
+    """A `Server` that is not yet running. Raises `ConfigError` for a bad `--agent` (or LLM
+    setting). `model_transport` replaces the llm agent's HTTP transport (in-process fake models).
+    """
     api_key = config.api_key if config.api_key is not None else secrets.token_urlsafe(32)
+    agent_factory, model = build_agent(config, model_transport=model_transport)
     return Server(
         config=config,
         api_key=api_key,
         api_key_generated=config.api_key is None,
-        agent_factory=load_agent_factory(config.agent),
+        agent_factory=agent_factory,
         host=config.host,
         port=port,
+        model=model,
     )
 
 
@@ -155,7 +180,7 @@ async def serve(
     `server = await nursery.start(serve, config)`. Raises `ConfigError` for a bad `--agent`
     and `OSError` if the address cannot be bound.
     """
-    load_agent_factory(config.agent)  # fail before binding
+    build_agent(config)  # fail before binding
     listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     if config.port == 0:
         # Each address family would get its own free port; keep one so the URL is unambiguous.

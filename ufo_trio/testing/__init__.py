@@ -16,11 +16,24 @@ import trio_websocket
 
 from .._config import ServerConfig
 from .._server import Server, build_server, serve
+from ._fake_model import FakeChatModel, FakeReply, FakeRequest
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-__all__ = ["TEST_KEY", "MemoryServer", "RawClient", "connect", "open_memory_server", "open_server"]
+    import httpx
+
+__all__ = [
+    "TEST_KEY",
+    "FakeChatModel",
+    "FakeReply",
+    "FakeRequest",
+    "MemoryServer",
+    "RawClient",
+    "connect",
+    "open_memory_server",
+    "open_server",
+]
 
 TEST_KEY = "test-key"
 
@@ -128,10 +141,17 @@ class MemoryServer:
 
 @asynccontextmanager
 async def open_memory_server(
-    config: ServerConfig | None = None, **overrides: Any
+    config: ServerConfig | None = None,
+    *,
+    model_transport: httpx.AsyncBaseTransport | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[MemoryServer]:
-    """Run a server whose clients connect through `MemoryServer.connect`."""
-    server = build_server(_config(config, overrides))
+    """Run a server whose clients connect through `MemoryServer.connect`.
+
+    `model_transport` (e.g. `FakeChatModel.transport()`) carries the llm agent's model calls in
+    process, so MockClock drives them too.
+    """
+    server = build_server(_config(config, overrides), model_transport=model_transport)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run, [])
         try:
