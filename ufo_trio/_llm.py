@@ -341,7 +341,7 @@ class OpenAIChatModel:
                 "POST", settings.endpoint, content=content, headers=self._headers
             ) as response:
                 data = bytearray()
-                async for chunk in response.aiter_raw():
+                async for chunk in response.aiter_bytes():
                     data += chunk
                     if len(data) > MAX_RESPONSE_BYTES:
                         raise ModelError(
