@@ -408,7 +408,7 @@ async def test_device_drop_mid_model_call_cancels_it_in_the_same_tick(autojump_c
 
 async def test_requester_drop_mid_model_call_cancels_it_in_the_same_tick(autojump_clock: trio.testing.MockClock) -> None:
     model = FakeChatModel(["never"], delay=1000)
-    async with scene(model) as (mem, dev, requester):
+    async with scene(model) as (mem, _dev, requester):
         await start_task(requester, "hello")
         await trio.sleep(5)
         dropped_at = trio.current_time()

@@ -250,6 +250,8 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser | None =
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # httpx logs every model request at INFO; our own lines say what matters (and no URLs).
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         return trio.run(_serve_until_signalled, config)
     except KeyboardInterrupt:  # a signal that arrived outside trio.run

@@ -11,6 +11,7 @@ request, and can be reached two ways:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from collections.abc import Callable, Iterable
@@ -229,7 +230,9 @@ class FakeChatModel:
         await stack.__aenter__()
         try:
             nursery = await stack.enter_async_context(trio.open_nursery())
-            listeners = await nursery.start(trio.serve_tcp, self._serve_one, 0, "127.0.0.1")
+            listeners = await nursery.start(
+                functools.partial(trio.serve_tcp, self._serve_one, 0, host="127.0.0.1")
+            )
             port = listeners[0].socket.getsockname()[1]
             self.base_url = f"http://127.0.0.1:{port}/v1"
             stack.callback(nursery.cancel_scope.cancel)
