@@ -468,3 +468,60 @@ async def test_linux_tools_are_unchanged_by_default(autojump_clock: trio.testing
     assert [t["function"]["parameters"] for t in model.requests[0].tools[:-1]] == [
         t["input_schema"] for t in LINUX_TOOLS
     ]
+
+
+# ------------------------------------------------------------------------------ Galaxy (item 8)
+
+
+async def test_galaxy_natural_language_task_runs_under_auto_end_to_end(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Galaxy, unchanged (COMPAT-3…8, §4.9 frames): registers with its metadata, asks for the
+    device profile, heartbeats without a role, and sends `TaskStar.to_request_string()` text. With
+    a model configured and no --agent, `auto` runs it through the model; Galaxy's TASK_END on its
+    connection is `completed` with the model's answer, and the device gets the same TASK_END."""
+    model = FakeChatModel(
+        [FakeReply.call("execute_command", {"command": "df -h /tmp"}), "42% of /tmp is used."]
+    )
+    async with llm_server(model) as mem, trio.open_nursery() as nursery:
+        assert mem.server.config.effective_agent == "auto"
+        dev = await linux_device(mem, "dev-1")
+        device_frames: list[dict[str, Any]] = []
+        nursery.start_soon(lambda: run_device(dev, commands=device_frames))
+        g = await mem.connect()
+        verdict = await g.register(
+            "demo@dev-1", "constellation", target_id="dev-1",
+            metadata={"type": "constellation_client", "task_name": "demo",
+                      "targeted_device_id": "dev-1", "version": "2.0",
+                      "capabilities": ["task_distribution", "session_management", "device_coordination"]},
+        )  # fmt: skip
+        assert (verdict["type"], verdict["status"]) == ("heartbeat", "ok")
+        await g.send({"type": "device_info_request", "status": "ok", "client_type": "constellation",
+                      "client_id": "demo@dev-1", "target_id": "dev-1",
+                      "request_id": "device_info_dev-1_1767225600.123456"})  # fmt: skip
+        info = await g.recv()
+        assert info["type"] == "device_info_response"
+        assert info["result"]["hostname"] == "build-7"
+        await g.send({"type": "heartbeat", "status": "ok", "client_type": "device",
+                      "client_id": "demo@dev-1", "metadata": {"device_id": "dev-1"}})  # fmt: skip
+        assert (await g.recv())["type"] == "heartbeat"
+        request = (
+            "Task Description: Check how full /tmp is on the build machine\n"
+            "Tips for Completion: use df\n"
+        )
+        await g.send({"type": "task", "status": "continue", "client_type": "constellation",
+                      "client_id": "demo@dev-1", "target_id": "dev-1", "session_id": "demo@task-1",
+                      "task_name": "galaxy/demo/task-1", "request": request})  # fmt: skip
+        ack = await g.recv()
+        assert (ack["type"], ack["session_id"]) == ("heartbeat", "demo@task-1")
+        end = await task_end(g)
+        assert end["status"] == "completed", end
+        assert end["session_id"] == "demo@task-1"
+        assert end["task_name"] == "galaxy_demo_task-1"
+        assert end["result"]["answer"] == "42% of /tmp is used."
+        assert model.requests[0].messages[1]["content"] == request
+        with trio.fail_after(1):
+            while len(device_frames) < 2:
+                await trio.testing.wait_all_tasks_blocked()
+        assert device_frames[1]["actions"][0]["parameters"] == {"command": "df -h /tmp"}
+        nursery.cancel_scope.cancel()

@@ -29,7 +29,6 @@ import urllib.parse
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import attrs
-import httpx
 import trio
 
 from ._agents import Agent, AgentFactory, ScriptAgent, TaskFailed, load_agent_factory
@@ -40,6 +39,8 @@ from ._messages import Command, Result, ResultStatus, ToolType
 if TYPE_CHECKING:
     from collections.abc import Mapping
     from types import TracebackType
+
+    import httpx
 
     from ._agents import SessionContext
     from ._config import ServerConfig
@@ -298,6 +299,8 @@ class OpenAIChatModel:
             self._headers["authorization"] = f"Bearer {settings.api_key}"
 
     async def __aenter__(self) -> OpenAIChatModel:
+        import httpx  # deferred: a server without a model never loads it
+
         limits = httpx.Limits(
             max_connections=self.settings.max_connections,
             max_keepalive_connections=self.settings.max_connections,
@@ -326,6 +329,8 @@ class OpenAIChatModel:
         client = self._client
         if client is None:
             raise ModelError("the model client is not running (the server is stopping)")
+        import httpx
+
         settings = self.settings
         body = {
             "model": settings.model,
@@ -383,6 +388,8 @@ class OpenAIChatModel:
 
 
 def _transport_reason(exc: httpx.TransportError) -> str:
+    import httpx
+
     if isinstance(exc, httpx.ConnectError):
         return "connection refused or unreachable"
     if isinstance(exc, httpx.UnsupportedProtocol):
