@@ -81,6 +81,12 @@ def test_smoke_against_ufo_trio(tmp_path: Path) -> None:
     assert tasks["device_task_ends"] == 22  # 2 warm-up tasks + 20 measured, END-1
     big = results["bigresult-256KiB"]["ufo_trio"][0]
     assert big["tasks"] == 2
+    llm = results["llm-steps"]["ufo_trio"][0]  # issue 10: 2 llm tasks of 5 steps, 2 script ones
+    assert llm["steps"] == 10
+    assert llm["llm_cpu_us_per_step"] >= 0
+    concurrent = results["llm-concurrent"]["ufo_trio"][0]
+    assert concurrent["tasks"] == 10
+    assert concurrent["hb_during"]["n"] > 0
 
 
 def test_client_codec_round_trip() -> None:
