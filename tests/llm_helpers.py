@@ -83,12 +83,15 @@ async def run_device(
     handler: Handler = shell,
     commands: list[dict[str, Any]] | None = None,
     client_id: str = "dev-1",
+    task_ends: list[tuple[float, dict[str, Any]]] | None = None,
 ) -> None:
     """Answer every COMMAND like the real device: `list_tools` with descriptors, else `handler`."""
     tools = LINUX_TOOLS if tools is None else tools
     n = 0
     while True:
         frame = await dev.recv()
+        if frame["type"] == "task_end" and task_ends is not None:
+            task_ends.append((trio.current_time(), frame))
         if frame["type"] != "command":
             continue
         if commands is not None:
@@ -177,12 +180,17 @@ async def scene(
     tools: Any = None,
     handler: Handler = shell,
     commands: list[dict[str, Any]] | None = None,
+    task_ends: list[tuple[float, dict[str, Any]]] | None = None,
     **overrides: Any,
 ) -> AsyncIterator[tuple[MemoryServer, RawClient, RawClient]]:
     """Memory server + answering linux device + constellation scoped to it."""
     async with llm_server(model, **overrides) as mem, trio.open_nursery() as nursery:
         dev = await linux_device(mem)
-        nursery.start_soon(lambda: run_device(dev, tools=tools, handler=handler, commands=commands))
+        nursery.start_soon(
+            lambda: run_device(
+                dev, tools=tools, handler=handler, commands=commands, task_ends=task_ends
+            )
+        )
         requester = await galaxy(mem)
         yield mem, dev, requester
         nursery.cancel_scope.cancel()

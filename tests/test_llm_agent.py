@@ -406,20 +406,27 @@ async def test_device_drop_mid_model_call_cancels_it_in_the_same_tick(autojump_c
         assert mem.server.sessions.live == {}
 
 
-async def test_requester_drop_mid_model_call_cancels_it_in_the_same_tick(autojump_clock: trio.testing.MockClock) -> None:
+async def test_requester_drop_mid_model_call_cancels_it_in_the_same_tick(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """DC-3/CAN-1: the constellation drops while the model call is in flight; the target device
+    gets its TASK_END (END-3) at that very instant and the model request is cancelled."""
     model = FakeChatModel(["never"], delay=1000)
-    async with scene(model) as (mem, _dev, requester):
+    ends: list[tuple[float, dict[str, Any]]] = []
+    async with scene(model, task_ends=ends) as (mem, _dev, requester):
         await start_task(requester, "hello")
         await trio.sleep(5)
         dropped_at = trio.current_time()
         await trio.aclose_forcefully(requester.ws._stream)
         with trio.fail_after(1):
-            while mem.server.sessions.live:
-                await trio.lowlevel.checkpoint()
-        assert trio.current_time() == dropped_at
+            while not ends:
+                await trio.testing.wait_all_tasks_blocked()
+        [(at, end)] = ends
+        assert at == dropped_at
+        assert end["status"] == "failed"
+        assert end["error"] == REQUESTER_GONE
         assert model.requests[0].cancelled
-        assert [r.status for r in [mem.server.sessions.results.by_session_id("s-1")]] == ["failed"]
-        assert mem.server.sessions.results.by_session_id("s-1").error == REQUESTER_GONE  # type: ignore[union-attr]
+        assert mem.server.sessions.live == {}
 
 
 async def test_shutdown_mid_model_call_cancels_it_in_the_same_tick(autojump_clock: trio.testing.MockClock) -> None:

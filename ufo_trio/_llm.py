@@ -307,9 +307,8 @@ class OpenAIChatModel:
             keepalive_expiry=30.0,
         )
         # Deadlines come from trio scopes in the agent (MockClock drives them), not from httpx.
-        self._client = httpx.AsyncClient(
-            transport=self._transport, limits=limits, timeout=None, trust_env=False
-        )
+        # The environment's HTTPS_PROXY / NO_PROXY / SSL_CERT_FILE apply, as for any httpx client.
+        self._client = httpx.AsyncClient(transport=self._transport, limits=limits, timeout=None)
         return self
 
     async def __aexit__(
