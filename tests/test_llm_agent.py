@@ -230,6 +230,23 @@ async def test_bad_tool_call_goes_back_to_the_model_as_a_tool_error(
     assert end["result"]["steps"][0]["results"][0]["status"] == "failure"
 
 
+async def test_at_most_32_calls_per_turn_reach_the_device(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """One COMMAND carries at most 32 calls; the rest get a tool error (every call id answered)."""
+    calls = [("execute_command", {"command": f"echo {i}"}) for i in range(40)]
+    model = FakeChatModel([FakeReply.calls(*calls), "done"])
+    commands: list[dict[str, Any]] = []
+    end = await run_task(model, commands=commands)
+    assert end["status"] == "completed", end
+    assert [a["parameters"]["command"] for a in commands[1]["actions"]] == [
+        f"echo {i}" for i in range(32)
+    ]
+    messages = tool_messages(model.requests[1])
+    assert len(messages) == 40
+    assert "too many function calls in one turn (at most 32)" in messages[39]["content"]
+
+
 async def test_ten_mib_tool_result_is_cut_for_the_model_and_the_task_end(autojump_clock: trio.testing.MockClock) -> None:
     big = "x" * (10 * 1024 * 1024)
 

@@ -54,6 +54,8 @@ MAX_RETRIES: Final = 3
 MAX_BACKOFF: Final = 60.0
 #: The largest model response body read (a guard against a runaway server).
 MAX_RESPONSE_BYTES: Final = 16 * 1024 * 1024
+#: Function calls one model turn may send to the device (one COMMAND); more get a tool error.
+MAX_CALLS_PER_TURN: Final = 32
 #: The built-in function the model calls to give up.
 TASK_FAILED: Final = "task_failed"
 LIST_TOOLS: Final = Command(
@@ -679,7 +681,14 @@ class LlmAgent:
         messages: list[dict[str, Any]],
     ) -> dict[str, Any]:
         """One model turn's calls as ONE COMMAND; each outcome back as a `tool` message."""
-        prepared = [toolbox.prepare(call) for call in calls]
+        too_many = (
+            f"too many function calls in one turn (at most {MAX_CALLS_PER_TURN}); "
+            "make the rest in the next turn"
+        )
+        prepared = [
+            toolbox.prepare(call) if i < MAX_CALLS_PER_TURN else too_many
+            for i, call in enumerate(calls)
+        ]
         commands = [p for p in prepared if isinstance(p, Command)]
         results = iter(await ctx.execute(commands) if commands else [])
         record_calls: list[dict[str, Any]] = []
