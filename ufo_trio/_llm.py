@@ -631,7 +631,7 @@ class LlmAgent:
         if listing.status is not ResultStatus.SUCCESS:
             raise self._fail(
                 f"device {ctx.executor_id!r} could not list its tools "
-                f"(list_tools: {listing.error or 'no error text'}); "
+                f"(list_tools: {_cut(listing.error or 'no error text', 200)}); "
                 "the device must answer list_tools with its tool descriptors"
             )
         toolbox = Toolbox(listing.result, self.settings.tool_secrets)
@@ -706,8 +706,9 @@ class LlmAgent:
                 record_calls.append({"id": call.id, "tool_name": None, "function": call.name[:80]})
                 status, error, value = "failure", PREFIX + item, None
             content, shown_value = self._shown(status, error, value)
-            record_results.append({"status": status, "error": error and self._scrub(error),
-                                   "result": shown_value})
+            if error:
+                error = _cut(self._scrub(error), self.settings.max_output_bytes)
+            record_results.append({"status": status, "error": error, "result": shown_value})
             messages.append({"role": "tool", "tool_call_id": call.id, "content": content})
         return {"tool_calls": record_calls, "results": record_results}
 
