@@ -36,6 +36,8 @@ from ._messages import (
 from ._rules import INVALID_RESULTS, SHUTTING_DOWN, Match, Reject
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from ._connection import Connection
     from ._context import ServerContext
 
@@ -136,6 +138,8 @@ class Session:
     executor: Connection
     executor_id: str
     agent: Agent
+    #: The executor's `system_info` from its REGISTER (read-only; None if it sent none).
+    system_info: Mapping[str, Any] | None = None
     started_at: str = attrs.field(factory=_wall_now)
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     cancel_reason: str | None = None
@@ -336,6 +340,7 @@ class SessionManager:
             executor=executor,
             executor_id=executor_entry.client_id,
             agent=agent,
+            system_info=executor_entry.system_info,
         )
         # TASK-8: record first, so a teardown that starts while we wait can find the session.
         live[session_id] = session
