@@ -92,6 +92,12 @@ def test_smoke_against_ufo_trio(tmp_path: Path) -> None:
         assert hb_tls["server_exit"] == idle_tls["server_exit"] == 0
     assert "| heartbeat ×10 (TLS) | server CPU µs / round trip |" in record["table"]
     assert "| ufo_trio ws:// | ufo_trio wss:// |" in record["table"]
+    llm = results["llm-steps"]["ufo_trio"][0]  # issue 10: 2 llm tasks of 5 steps, 2 script ones
+    assert llm["steps"] == 10
+    assert llm["llm_cpu_us_per_step"] >= 0
+    concurrent = results["llm-concurrent"]["ufo_trio"][0]
+    assert concurrent["tasks"] == 10
+    assert concurrent["hb_during"]["n"] > 0
 
 
 def test_client_codec_round_trip() -> None:

@@ -40,6 +40,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
 PROG = "ufo-trio"
+#: The model server's key comes only from the environment (never a flag: argv is visible).
+LLM_API_KEY_ENV = "UFO_TRIO_LLM_API_KEY"
 SUBCOMMANDS = ("serve", "device", "task", "clients", "tasks")
 
 
@@ -77,7 +79,7 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
-def _count(text: str) -> int:
+def _count_or_zero(text: str) -> int:
     value = _int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
@@ -88,6 +90,13 @@ def _size(text: str) -> int:
     value = _int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive number of bytes, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = _int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
 
 
@@ -110,7 +119,16 @@ _SERVE_FLAGS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("--duplicate-policy", str, "probe", "probe | reject | takeover"),
     ("--shutdown-grace", _seconds, 5.0, "seconds connections get to close on shutdown"),
     ("--log-level", _upper, "INFO", "DEBUG | INFO | WARNING | ERROR"),
-    ("--agent", str, "script", "'script' or package.module:factory"),
+    ("--agent", str, None, "script | llm | auto | package.module:factory; None = auto with --llm-base-url, else script"),
+    # The llm agent (docs/agents.md); the key only from env UFO_TRIO_LLM_API_KEY.
+    ("--llm-base-url", str, None, "OpenAI-compatible API root, e.g. https://api.openai.com/v1"),
+    ("--llm-model", str, None, "model name; required with --llm-base-url"),
+    ("--llm-max-steps", _count, 20, "model turns with tool calls per task"),
+    ("--llm-timeout", _seconds, 120.0, "seconds one model call may take"),
+    ("--llm-temperature", _finite("a temperature"), 0.0, "sampling temperature, 0-2"),
+    ("--llm-max-output-bytes", _size, 16 * 1024, "tool output shown to the model, in bytes"),
+    ("--llm-max-connections", _count, 100, "concurrent HTTP connections to the model server"),
+    ("--tool-secret", str, (), "PARAM=ENV_VAR (repeatable): hide PARAM, fill it from ENV_VAR"),
     # Hardening limits (docs/operations.md).
     ("--max-connections", _int, MAX_CONNECTIONS, "concurrent TCP connections; more get 503; 0 = no cap"),
     ("--message-rate", _rate, MESSAGE_RATE, "data frames per second per connection; 0 = off"),
@@ -122,7 +140,7 @@ _SERVE_FLAGS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     # Task history (issue 11, docs/operations.md "The task database").
     ("--db", str, "ufo_trio.db", "SQLite file of the task history; :memory: keeps none"),
     ("--db-retention-days", _days, DB_RETENTION_DAYS, "delete ended tasks older than this; 0 = keep"),
-    ("--db-max-tasks", _count, DB_MAX_TASKS, "keep at most this many tasks; 0 = no cap"),
+    ("--db-max-tasks", _count_or_zero, DB_MAX_TASKS, "keep at most this many tasks; 0 = no cap"),
     ("--db-max-result-bytes", _size, DB_MAX_RESULT_BYTES, "largest task result stored (JSON bytes)"),
     # Built-in TLS (docs/operations.md "TLS"): both or neither; SIGHUP reloads the pair.
     ("--tls-cert", str, None, "PEM certificate chain: serve wss:// and https:// on the port"),
@@ -141,6 +159,15 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
             choices = DUPLICATE_POLICIES
         elif flag == "--log-level":
             choices = LOG_LEVELS
+        if flag == "--tool-secret":  # repeatable; env: comma-separated
+            parser.add_argument(
+                flag,
+                action="append",
+                default=None,
+                help=f"{text} (env {env_name(flag)}, comma-separated)",
+                metavar="PARAM=ENV_VAR",
+            )
+            continue
         parser.add_argument(
             flag,
             type=kind,
@@ -172,7 +199,9 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         value = getattr(args, dest)
         if value is None:
             raw = os.environ.get(env_name(flag))
-            if raw is not None:
+            if raw is not None and flag == "--tool-secret":
+                value = tuple(p.strip() for p in raw.split(",") if p.strip())
+            elif raw is not None:
                 try:
                     value = kind(raw)
                 except (argparse.ArgumentTypeError, ValueError) as exc:
@@ -180,6 +209,8 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             else:
                 value = default
         values[dest] = value
+    values["tool_secrets"] = tuple(values.pop("tool_secret"))
+    values["llm_api_key"] = os.environ.get(LLM_API_KEY_ENV) or None
     values["allowed_origins"] = tuple(
         o.strip() for o in str(values["allowed_origins"]).split(",") if o.strip()
     )
@@ -251,6 +282,8 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser | None =
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # httpx logs every model request at INFO; our own lines say what matters (and no URLs).
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         return trio.run(_serve_until_signalled, config)
     except KeyboardInterrupt:  # a signal that arrived outside trio.run

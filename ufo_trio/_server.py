@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from ._agents import AgentFactory, load_agent_factory
 from ._api import Api, ApiContext
 from ._context import Auth, ServerContext
 from ._endpoint import handle_stream
 from ._handlers import AipHandler
 from ._http import HttpService
+from ._llm import OpenAIChatModel, build_agent
 from ._registry import Registry
 from ._rules import SHUTTING_DOWN
 from ._sessions import SessionManager
@@ -29,6 +29,9 @@ from ._tls import ServerTLS, load_tls
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    import httpx
+
+    from ._agents import AgentFactory
     from ._config import ServerConfig
     from ._connection import Connection
 
@@ -71,6 +74,8 @@ class Server:
     #: Built-in TLS (`--tls-cert`/`--tls-key`), or None for plain ws:// and http://.
     tls: ServerTLS | None = None
     _served: bool = False
+    #: The model client of the llm agent (its HTTP connection pool), owned by `run`.
+    model: OpenAIChatModel | None = None
 
     def __attrs_post_init__(self) -> None:
         self.context = ServerContext(
@@ -128,9 +133,21 @@ class Server:
         """Accept on `listeners` (may be empty) until shutdown completes or we are cancelled.
 
         The server nursery holds the subsystems' owner tasks (the task store, opened before
-        anything is accepted: `StoreError`) and the connection nursery; the store is flushed
-        and closed once the connection nursery is done, within what is left of the grace.
+        anything is accepted: `StoreError`) and the listener nursery (accept task, connection
+        handlers); the store is flushed and closed once the listener nursery is done, within
+        what is left of the grace.
         """
+        if self.model is None:
+            await self._run(listeners, task_status)
+            return
+        # The model client's connection pool outlives every session (they all end inside the
+        # server nursery) and is closed after them.
+        async with self.model:
+            await self._run(listeners, task_status)
+
+    async def _run(
+        self, listeners: list[trio.SocketListener], task_status: trio.TaskStatus[Server]
+    ) -> None:
         store = self.context.store
         try:
             with _unwrapped(StoreError):
@@ -163,7 +180,7 @@ class Server:
         self, listeners: list[trio.SocketListener], task_status: trio.TaskStatus[Server]
     ) -> None:
         try:
-            async with trio.open_nursery() as nursery:  # the connection nursery
+            async with trio.open_nursery() as nursery:  # the listener nursery
                 self._nursery = nursery
                 accept_scope = trio.CancelScope()
 
@@ -240,21 +257,27 @@ def online_clients(registry: Registry) -> list[OnlineClient]:
 
 
 def build_server(
-    config: ServerConfig, *, port: int = 0, tls: ServerTLS | None = None
+    config: ServerConfig,
+    *,
+    port: int = 0,
+    tls: ServerTLS | None = None,
+    model_transport: httpx.AsyncBaseTransport | None = None,
 ) -> Server:
-    """A `Server` that is not yet running. Raises `ConfigError` for a bad `--agent`.
-
-    *tls* comes from `load_tls` when `config.tls_cert` is set (`serve` does that).
+    """A `Server` that is not yet running. Raises `ConfigError` for a bad `--agent` (or LLM
+    setting). *tls* comes from `load_tls` when `config.tls_cert` is set (`serve` does that);
+    `model_transport` replaces the llm agent's HTTP transport (in-process fake models).
     """
     api_key = config.api_key if config.api_key is not None else secrets.token_urlsafe(32)
+    agent_factory, model = build_agent(config, model_transport=model_transport)
     return Server(
         config=config,
         api_key=api_key,
         api_key_generated=config.api_key is None,
-        agent_factory=load_agent_factory(config.agent),
+        agent_factory=agent_factory,
         host=config.host,
         port=port,
         tls=tls,
+        model=model,
     )
 
 
@@ -267,7 +290,7 @@ async def serve(
     `server = await nursery.start(serve, config)`. Raises `ConfigError` for a bad `--agent`
     and `OSError` if the address cannot be bound.
     """
-    load_agent_factory(config.agent)  # fail before binding
+    build_agent(config)  # fail before binding
     tls = None
     if config.tls_cert is not None and config.tls_key is not None:
         tls = await load_tls(config.tls_cert, config.tls_key)  # ConfigError before binding

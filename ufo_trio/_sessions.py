@@ -36,6 +36,8 @@ from ._rules import INVALID_RESULTS, SHUTTING_DOWN, Match, Reject
 from ._store_sql import TaskRecord, wall_now
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from ._connection import Connection
     from ._context import ServerContext
 
@@ -132,6 +134,8 @@ class Session:
     executor: Connection
     executor_id: str
     agent: Agent
+    #: The executor's `system_info` from its REGISTER (read-only; None if it sent none).
+    system_info: Mapping[str, Any] | None = None
     started_at: str = attrs.field(factory=wall_now)
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     cancel_reason: str | None = None
@@ -360,6 +364,7 @@ class SessionManager:
             executor=executor,
             executor_id=executor_entry.client_id,
             agent=agent,
+            system_info=executor_entry.system_info,
         )
         # TASK-8: record first, so a teardown that starts while we wait can find the session.
         live[session_id] = session
