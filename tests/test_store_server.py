@@ -23,12 +23,20 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 import trio.testing
+from llm_helpers import SYSTEM_INFO, descriptor, run_device
 from process_helpers import WAIT, cli_process
 from wire_helpers import HttpResponse, WireClient, http_request, memory_client
 
 from ufo_trio import ServerConfig, serve
 from ufo_trio._store import CRASH_ERROR, TaskStore
-from ufo_trio.testing import TEST_KEY, connect, open_memory_server, open_server
+from ufo_trio.testing import (
+    TEST_KEY,
+    FakeChatModel,
+    FakeReply,
+    connect,
+    open_memory_server,
+    open_server,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -476,7 +484,9 @@ async def test_slow_database_leaves_heartbeats_and_registration_alone_queue_full
     disk = _Disk()
     stores: list[TaskStore] = []
 
-    def from_config(cls: type[TaskStore], config: ServerConfig, *, online: Any = None) -> TaskStore:
+    def from_config(
+        cls: type[TaskStore], config: ServerConfig, *, online: Any = None, secrets: Any = ()
+    ) -> TaskStore:
         store = TaskStore(
             ":memory:", online=online, queue_size=4, full_wait=1.0, prune_interval=1e9,
             connect=_slow_connect(disk),
@@ -659,3 +669,70 @@ def test_cli_default_db_is_in_the_working_directory(tmp_path: Path) -> None:
         finally:
             process.send_signal(signal.SIGTERM)
             assert process.wait(WAIT) == 0
+
+
+# ------------------------------------------------------------------ the llm agent's turns
+
+
+async def test_llm_model_turns_are_in_the_transcript_with_secrets_masked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An llm task's model turns appear in /api/tasks/{id} next to the COMMAND each led to;
+    neither the model server's key nor a tool secret (echoed by the device and the model) is
+    in the transcript or anywhere in the database files."""
+    llm_key, tool_key = "sk-planted-llm-key-5555", "planted-tool-secret-7777"
+    monkeypatch.setenv("PLANTED_TOOL_KEY", tool_key)
+    bash = descriptor(
+        "execute_command",
+        {"command": {"type": "string"}, "api_key": {"type": "string"}},
+        ["command", "api_key"],
+    )
+
+    def echo(action: dict[str, Any]) -> dict[str, Any]:
+        key = action["parameters"].get("api_key")
+        return {"status": "success", "error": None, "result": f"ran with key={key}"}
+
+    model = FakeChatModel(
+        [FakeReply.call("execute_command", {"command": "ls"}), f"done; the key was {tool_key}"]
+    )
+    db = tmp_path / "h.db"
+    async with model, open_server(
+        db=str(db), llm_base_url=model.base_url, llm_model="m", llm_api_key=llm_key,
+        tool_secrets=("api_key=PLANTED_TOOL_KEY",),
+    ) as server, connect(server.url) as dev, connect(server.url) as galaxy:  # fmt: skip
+        await dev.register("dev-1", metadata={"platform": "linux", "system_info": SYSTEM_INFO})
+        await galaxy.register("galaxy@dev-1", "constellation", target_id="dev-1")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: run_device(dev, tools=[bash], handler=echo))
+            await galaxy.send(
+                {"type": "task", "status": "continue", "client_type": "constellation",
+                 "client_id": "galaxy@dev-1", "target_id": "dev-1", "session_id": "s-llm",
+                 "task_name": "llm-task", "request": "list files"}
+            )  # fmt: skip
+            with trio.fail_after(WAIT):
+                while (end := await galaxy.recv())["type"] != "task_end":
+                    pass
+            assert end["status"] == "completed", end
+            detail = await eventually(
+                server.port, "/api/tasks/s-llm", lambda b: len(b["steps"]) == 2 and all(
+                    "model_turns" in s for s in b["steps"][1:]
+                ),
+            )
+            nursery.cancel_scope.cancel()
+    assert detail["agent"] == "auto"
+    listing, step = detail["steps"]
+    assert [c["tool_name"] for c in listing["commands"]] == ["list_tools"]
+    assert "model_turns" not in listing
+    assert [c["tool_name"] for c in step["commands"]] == ["execute_command"]
+    call_turn, answer_turn = step["model_turns"]  # the final answer follows the last COMMAND
+    assert [c["name"] for c in call_turn["tool_calls"]] == ["execute_command"]
+    assert json.loads(call_turn["tool_calls"][0]["arguments"]) == {"command": "ls"}
+    assert answer_turn["tool_calls"] == []
+    assert answer_turn["content"] == "done; the key was ***"
+    # The device got the tool secret filled in and echoed it; the history masks it everywhere.
+    assert step["commands"][0]["parameters"] == {"command": "ls", "api_key": "***"}
+    assert step["results"][0]["result"] == "ran with key=***"
+    text = json.dumps(detail)
+    for secret in (llm_key, tool_key):
+        assert secret not in text
+        assert _files_holding(tmp_path, secret.encode()) == []

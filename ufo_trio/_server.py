@@ -82,7 +82,11 @@ class Server:
             config=self.config,
             registry=self.registry,
             auth=Auth.build(self.api_key, self.config.allowed_origins),
-            store=TaskStore.from_config(self.config, online=partial(online_clients, self.registry)),
+            store=TaskStore.from_config(
+                self.config,
+                online=partial(online_clients, self.registry),
+                secrets=self.model.settings.secrets() if self.model is not None else (),
+            ),
         )
         self.sessions = SessionManager(self.context, self.agent_factory)
         self.handler = AipHandler(self.context, self.sessions)

@@ -262,6 +262,12 @@ class Session:
                 await self.manager.finish(self, *outcome)
             self.done.set()
 
+    async def record_model_turn(self, turn: Mapping[str, Any]) -> None:
+        """AGENT-2 extension: the turn goes to the task history with the next COMMAND's index."""
+        store = self.manager.context.store
+        if store is not None:
+            await store.model_turn(self.session_id, self.steps, dict(turn))
+
     def _record(self) -> TaskRecord:
         return TaskRecord(
             session_id=self.session_id,
@@ -271,7 +277,7 @@ class Session:
             requester_type=self.requester_type.value,
             executor_id=self.executor_id,
             platform=self.platform,
-            agent=self.manager.context.config.agent,
+            agent=self.manager.context.config.effective_agent,
             created_at=self.started_at,
         )
 

@@ -173,6 +173,7 @@ class TaskStore:
         read_threads: int = 4,
         connect: Callable[..., sqlite3.Connection] = sqlite3.connect,
         monotonic: Callable[[], float] = time.monotonic,
+        secrets: Sequence[str] = (),
     ) -> None:
         """`connect` and `monotonic` exist for fault-injection tests: the writer thread cannot
         read Trio's clock, so its once-a-minute log throttle takes this callable instead."""
@@ -191,6 +192,11 @@ class TaskStore:
         self._connect = connect
         self._monotonic = monotonic
         self._memory = path == ":memory:"
+        # Secret values (llm key, tool secrets) and their JSON-escaped forms, masked in every
+        # text the writer stores (a device may echo a secret filled into its parameters).
+        self._secrets = sorted(
+            {f for v in secrets if v for f in (v, json.dumps(v)[1:-1])}, key=len, reverse=True
+        )
         # Physically unbounded: the bound is enforced by `_put`, which may exceed it for outcomes.
         self._queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._room = trio.Event()
@@ -236,9 +242,14 @@ class TaskStore:
 
     @classmethod
     def from_config(
-        cls, config: ServerConfig, *, online: Callable[[], Iterable[OnlineClient]] | None = None
+        cls,
+        config: ServerConfig,
+        *,
+        online: Callable[[], Iterable[OnlineClient]] | None = None,
+        secrets: Sequence[str] = (),
     ) -> TaskStore:
-        """The store a server with `config` uses; shutdown flushes within `shutdown_grace`."""
+        """The store a server with `config` uses; shutdown flushes within `shutdown_grace`;
+        `secrets` are masked (`***`) wherever they would be stored."""
         return cls(
             config.db,
             retention_days=config.db_retention_days,
@@ -246,6 +257,7 @@ class TaskStore:
             max_result_bytes=config.db_max_result_bytes,
             flush_timeout=config.shutdown_grace,
             online=online,
+            secrets=secrets,
         )
 
     # ------------------------------------------------------------------------- lifecycle
@@ -437,6 +449,13 @@ class TaskStore:
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
             self._writer = None
+
+    def _mask(self, text: str | None) -> str | None:
+        if text is not None:
+            for secret in self._secrets:
+                if secret in text:
+                    text = text.replace(secret, "***")
+        return text
 
     @property
     def persistent(self) -> bool:
@@ -754,7 +773,7 @@ class TaskStore:
                     r.executor_id,
                     r.platform,
                     r.agent,
-                    cut_request(r.request),
+                    self._mask(cut_request(r.request)),
                     r.created_at,
                 ),
             )
@@ -772,7 +791,7 @@ class TaskStore:
                 conn.execute(
                     "INSERT OR REPLACE INTO steps (task_id, idx, sent_at, commands) "
                     "VALUES (?, ?, ?, ?)",
-                    (task_id, index, at, dump_commands(commands)),
+                    (task_id, index, at, self._mask(dump_commands(commands))),
                 )
                 conn.execute(
                     "UPDATE tasks SET commands = commands + 1, last_tool = ? WHERE id = ?",
@@ -786,7 +805,7 @@ class TaskStore:
                     "UPDATE steps SET results = ?, received_at = ?, timed_out = ? "
                     "WHERE task_id = ? AND idx = ?",
                     (
-                        None if results is None else dump_results(results),
+                        None if results is None else self._mask(dump_results(results)),
                         None if results is None else at,
                         int(results is None),
                         task_id,
@@ -800,7 +819,7 @@ class TaskStore:
                 conn.execute(
                     "INSERT INTO model_turns (task_id, idx, seq, turn) VALUES (?, ?, "
                     "(SELECT count(*) FROM model_turns WHERE task_id = ? AND idx = ?), ?)",
-                    (task_id, index, task_id, index, to_json(turn)),
+                    (task_id, index, task_id, index, self._mask(to_json(turn))),
                 )
         elif kind == "ended":
             e: _Ended = op[1]
@@ -810,8 +829,8 @@ class TaskStore:
                     "UPDATE tasks SET status = ?, error = ?, result = ?, ended_at = ? WHERE id = ?",
                     (
                         e.status,
-                        e.error,
-                        encode_result(e.result, self.max_result_bytes),
+                        self._mask(e.error),
+                        self._mask(encode_result(e.result, self.max_result_bytes)),
                         e.ended_at,
                         task_id,
                     ),
