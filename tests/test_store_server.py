@@ -107,6 +107,11 @@ async def answer(dev: WireClient, outputs: list[Any]) -> dict[str, Any]:
         )  # fmt: skip
 
 
+def _complete(steps: list[dict[str, Any]], n: int) -> bool:
+    """`n` steps, each with its Results (or its timeout) written."""
+    return len(steps) == n and all(s["results"] is not None or s["timed_out"] for s in steps)
+
+
 async def eventually(port: int, path: str, check: Any) -> Any:
     """GET `path` until `check(body)` holds (the writer commits asynchronously)."""
     with trio.fail_after(WAIT):
@@ -140,7 +145,7 @@ async def test_two_step_script_task_transcript_and_devices(tmp_path: Path) -> No
         # The outcome is visible at once; the transcript once the writer has committed it.
         detail = await eventually(port, f"/api/tasks/{sid}", lambda b: b["ended_at"])
         assert detail["status"] == "completed"
-        detail = await eventually(port, f"/api/tasks/{sid}", lambda b: len(b["steps"]) == 2)
+        detail = await eventually(port, f"/api/tasks/{sid}", lambda b: _complete(b["steps"], 2))
         assert set(detail) == SUMMARY_KEYS | {"request", "result", "steps"}
         assert detail["status"] == "completed"
         assert detail["task_name"] == "two-steps"
@@ -206,7 +211,7 @@ async def test_sessions_running_and_a_timed_out_step(tmp_path: Path) -> None:
         assert [t["session_id"] for t in running["tasks"]] == [sid]
         end = await dev.recv_until(lambda f: f["type"] == "task_end")
         assert end[-1]["status"] == "failed"
-        detail = await eventually(port, f"/api/tasks/{sid}", lambda b: b["steps"])
+        detail = await eventually(port, f"/api/tasks/{sid}", lambda b: _complete(b["steps"], 1))
         assert detail["status"] == "failed"
         assert detail["error"] == end[-1]["error"]
         (step,) = detail["steps"]
@@ -714,9 +719,8 @@ async def test_llm_model_turns_are_in_the_transcript_with_secrets_masked(
                     pass
             assert end["status"] == "completed", end
             detail = await eventually(
-                server.port, "/api/tasks/s-llm", lambda b: len(b["steps"]) == 2 and all(
-                    "model_turns" in s for s in b["steps"][1:]
-                ),
+                server.port, "/api/tasks/s-llm", lambda b: _complete(b["steps"], 2)
+                and len(b["steps"][1].get("model_turns", ())) == 2,
             )
             nursery.cancel_scope.cancel()
     assert detail["agent"] == "auto"
