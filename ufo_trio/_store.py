@@ -650,7 +650,12 @@ class TaskStore:
                 first = self._queue.get(timeout=timeout)
         except queue.Empty:
             return ops, False
-        if self._linger and first[0] != "stop" and not isinstance(first[-1], trio.Event):
+        if (
+            self._linger
+            and first[0] != "stop"
+            and not isinstance(first[-1], trio.Event)
+            and self._queue.qsize() < MAX_BATCH  # plenty queued already: no need to wait
+        ):
             # Group commit: gather what arrives in the next moment into the same transaction,
             # so the writer wakes (and takes the GIL) once per batch rather than once per op;
             # an operation somebody waits for (a task row before its ACK) cuts it short.
