@@ -37,7 +37,7 @@ from ._errors import ConfigError
 from ._messages import Command, Result, ResultStatus, ToolType
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterable, Mapping
     from types import TracebackType
 
     import httpx
@@ -184,6 +184,39 @@ class ModelReply:
         return message
 
 
+def _dumps_compact(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+class EncodedList(list[dict[str, Any]]):
+    """A list of JSON objects that keeps each item's JSON text, encoded once on `append`.
+
+    The conversation only grows, and every model call sends all of it: with the texts kept,
+    a call joins strings instead of encoding the whole history again (O(n) per call, not
+    O(n) encodings of O(n) messages). Items must not be changed after they are appended.
+    """
+
+    def __init__(self, items: Iterable[dict[str, Any]] = ()) -> None:
+        super().__init__()
+        self._texts: list[str] = []
+        for item in items:
+            self.append(item)
+
+    def append(self, item: dict[str, Any]) -> None:
+        super().append(item)
+        self._texts.append(_dumps_compact(item))
+
+    def encoded(self) -> str:
+        """The list as compact JSON text (equal to `json.dumps` of it)."""
+        if len(self._texts) != len(self):  # changed behind append's back: encode it all
+            self._texts = [_dumps_compact(item) for item in self]
+        return "[" + ",".join(self._texts) + "]"
+
+
+def _encoded(items: list[dict[str, Any]]) -> str:
+    return items.encoded() if isinstance(items, EncodedList) else _dumps_compact(items)
+
+
 class ChatModel(Protocol):
     """The model as the agent sees it: one Chat Completions call per `complete`."""
 
@@ -296,9 +329,23 @@ class OpenAIChatModel:
         self.settings = settings
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
-        self._headers = {"content-type": "application/json", "accept": "application/json"}
+        #: The client's transport for the endpoint (the proxy one if the environment says so).
+        self._send: httpx.AsyncBaseTransport | None = None
+        self._url: httpx.URL | None = None
+        self._headers = {
+            "content-type": "application/json",
+            "accept": "application/json",
+            "user-agent": "ufo-trio",
+        }
         if settings.api_key:
             self._headers["authorization"] = f"Bearer {settings.api_key}"
+        # Everything of the request body but the conversation, encoded once.
+        self._body_head = '{"model":' + _dumps_compact(settings.model) + ',"messages":'
+        self._body_tail = (
+            ',"tool_choice":"auto","parallel_tool_calls":true,"temperature":'
+            + _dumps_compact(settings.temperature)
+            + "}"
+        )
 
     async def __aenter__(self) -> OpenAIChatModel:
         import httpx  # deferred: a server without a model never loads it
@@ -311,6 +358,12 @@ class OpenAIChatModel:
         # Deadlines come from trio scopes in the agent (MockClock drives them), not from httpx.
         # The environment's HTTPS_PROXY / NO_PROXY / SSL_CERT_FILE apply, as for any httpx client.
         self._client = httpx.AsyncClient(transport=self._transport, limits=limits, timeout=None)
+        # One model call goes straight to the pooled transport the client chose for the
+        # endpoint (proxy or direct, per HTTPS_PROXY / NO_PROXY): the client's per-request
+        # work (URL merging, cookies, auth and redirect handling) is CPU the agent pays on
+        # every step for features a model call never uses (docs/performance.md).
+        self._url = httpx.URL(self.settings.endpoint)
+        self._send = self._client._transport_for_url(self._url)
         return self
 
     async def __aexit__(
@@ -320,6 +373,7 @@ class OpenAIChatModel:
         tb: TracebackType | None,
     ) -> None:
         client, self._client = self._client, None
+        self._send = None
         if client is not None:
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await client.aclose()
@@ -327,25 +381,19 @@ class OpenAIChatModel:
     async def complete(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
     ) -> ModelReply:
-        client = self._client
-        if client is None:
+        transport, url = self._send, self._url
+        if transport is None or url is None:
             raise ModelError("the model client is not running (the server is stopping)")
         import httpx
 
         settings = self.settings
-        body = {
-            "model": settings.model,
-            "messages": messages,
-            "tools": tools,
-            "tool_choice": "auto",
-            "parallel_tool_calls": True,
-            "temperature": settings.temperature,
-        }
-        content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        content = (
+            self._body_head + _encoded(messages) + ',"tools":' + _encoded(tools) + self._body_tail
+        ).encode()
+        request = httpx.Request("POST", url, content=content, headers=self._headers)
         try:
-            async with client.stream(
-                "POST", settings.endpoint, content=content, headers=self._headers
-            ) as response:
+            response = await transport.handle_async_request(request)
+            try:
                 data = bytearray()
                 async for chunk in response.aiter_bytes():
                     data += chunk
@@ -353,6 +401,9 @@ class OpenAIChatModel:
                         raise ModelError(
                             f"the model server's answer is larger than {MAX_RESPONSE_BYTES} bytes"
                         )
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                    await response.aclose()
         except httpx.TransportError as exc:
             raise ModelError(
                 f"cannot reach the model server at {settings.shown_endpoint} "
@@ -426,7 +477,8 @@ class Toolbox:
 
     def __init__(self, descriptors: Any, secrets: tuple[tuple[str, str], ...]) -> None:
         self.tools: dict[str, _Tool] = {}
-        self.functions: list[dict[str, Any]] = []
+        #: Built once per session; its JSON text is encoded once too (`EncodedList`).
+        self.functions: EncodedList = EncodedList()
         taken = {TASK_FAILED}
         for raw in descriptors if type(descriptors) is list else []:
             if type(raw) is not dict:
@@ -642,10 +694,12 @@ class LlmAgent:
             )
         log.info("session %s: llm agent: %d tool(s) on the device", sid, len(toolbox.tools))
         info = ctx.system_info
-        messages: list[dict[str, Any]] = [
-            {"role": "system", "content": _system_prompt(ctx, info)},
-            {"role": "user", "content": ctx.request},
-        ]
+        messages = EncodedList(
+            [
+                {"role": "system", "content": _system_prompt(ctx, info)},
+                {"role": "user", "content": ctx.request},
+            ]
+        )
         steps: list[dict[str, Any]] = []
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
 
