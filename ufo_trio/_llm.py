@@ -573,7 +573,11 @@ _JSON_TYPES: Final[dict[str, tuple[type, ...]]] = {
 
 
 def _check_schema(value: Any, schema: Any, where: str, depth: int) -> str | None:
-    """A small JSON Schema subset: type, required, properties, additionalProperties, enum, items."""
+    """The JSON Schema subset tool descriptors use (what `ufo_trio.client` emits and more):
+    `type` (a name or a list of names), `enum`, `const`, `anyOf`/`oneOf` (one branch must
+    match), `allOf`, `required`, `properties`, `additionalProperties` (false or a schema),
+    `items`, `prefixItems`, `minItems`/`maxItems`. Anything else (`default`, `description`,
+    `title`, formats, `$ref`, …) is accepted without a check: the device has the last word."""
     if type(schema) is not dict or depth > 16:
         return None
     expected = schema.get("type")
@@ -594,8 +598,23 @@ def _check_schema(value: Any, schema: Any, where: str, depth: int) -> str | None
         if not ok:
             return f"{where} must be {' or '.join(str(k) for k in kinds)}"
     enum = schema.get("enum")
-    if type(enum) is list and value not in enum:
+    if type(enum) is list and not any(_same(value, e) for e in enum):
         return f"{where} must be one of {json.dumps(enum)[:200]}"
+    if "const" in schema and not _same(value, schema["const"]):
+        return f"{where} must be {json.dumps(schema['const'])[:200]}"
+    for key in ("anyOf", "oneOf"):
+        branches = schema.get(key)
+        if type(branches) is list and branches:
+            problems = [_check_schema(value, b, where, depth + 1) for b in branches]
+            if all(problems):
+                if len(problems) == 1:
+                    return problems[0]
+                return f"{where} matches none of the allowed forms ({problems[0]})"
+    all_of = schema.get("allOf")
+    for branch in all_of if type(all_of) is list else []:
+        problem = _check_schema(value, branch, where, depth + 1)
+        if problem:
+            return problem
     if type(value) is dict:
         required = schema.get("required")
         for name in required if type(required) is list else []:
@@ -603,23 +622,45 @@ def _check_schema(value: Any, schema: Any, where: str, depth: int) -> str | None
                 return f"missing required property {name!r}"
         properties = schema.get("properties")
         properties = properties if type(properties) is dict else {}
-        if schema.get("additionalProperties") is False:
-            for name in value:
-                if name not in properties:
-                    return f"unexpected property {name[:80]!r}"
-        for name, sub in properties.items():
-            if name in value:
-                problem = _check_schema(value[name], sub, f"{where}.{name}", depth + 1)
-                if problem:
-                    return problem
+        extra = schema.get("additionalProperties")
+        for name, item in value.items():
+            sub = properties.get(name)
+            if sub is not None:
+                problem = _check_schema(item, sub, f"{where}.{name}", depth + 1)
+            elif extra is False:
+                problem = f"unexpected property {name[:80]!r}"
+            elif type(extra) is dict:
+                problem = _check_schema(item, extra, f"{where}.{name[:80]}", depth + 1)
+            else:
+                problem = None
+            if problem:
+                return problem
     elif type(value) is list:
+        n = len(value)
+        low, high = schema.get("minItems"), schema.get("maxItems")
+        if type(low) is int and n < low:
+            return f"{where} must have at least {low} item(s)"
+        if type(high) is int and n > high:
+            return f"{where} must have at most {high} item(s)"
+        prefix = schema.get("prefixItems")
+        prefix = prefix if type(prefix) is list else []
         items = schema.get("items")
-        if type(items) is dict:
-            for i, item in enumerate(value):
-                problem = _check_schema(item, items, f"{where}[{i}]", depth + 1)
+        for i, item in enumerate(value):
+            sub = prefix[i] if i < len(prefix) else items
+            if type(sub) is dict:
+                problem = _check_schema(item, sub, f"{where}[{i}]", depth + 1)
                 if problem:
                     return problem
+            elif sub is False:
+                return f"{where} must have at most {len(prefix)} item(s)"
     return None
+
+
+def _same(value: Any, allowed: Any) -> bool:
+    """JSON equality for enum/const: True is not 1, 1.0 is 1."""
+    if type(value) is bool or type(allowed) is bool:
+        return type(value) is type(allowed) and value == allowed
+    return bool(value == allowed)
 
 
 # ------------------------------------------------------------------------------ the loop
