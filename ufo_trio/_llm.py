@@ -401,9 +401,13 @@ class OpenAIChatModel:
                         raise ModelError(
                             f"the model server's answer is larger than {MAX_RESPONSE_BYTES} bytes"
                         )
-            finally:
+            except BaseException:
+                # Cancelled or failed mid-answer: the pool drops that connection (shielded,
+                # bounded; closing a socket does not block).
                 with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                     await response.aclose()
+                raise
+            await response.aclose()  # read to the end: the connection goes back to the pool
         except httpx.TransportError as exc:
             raise ModelError(
                 f"cannot reach the model server at {settings.shown_endpoint} "
