@@ -173,7 +173,7 @@ def _agent_lines(agent: AgentResult) -> list[str]:
     for index, step in enumerate(agent.steps):
         for call in step:
             arguments = _compact(call.arguments)
-            head = f"  step {index} {call.name} {arguments}"
+            head = f"  step {index} {call.name}" + (f" {arguments}" if arguments else "")
             result = call.result
             if result is None:
                 lines.append(f"{head} -> (no result)")
