@@ -432,17 +432,19 @@ def start_fake_model(delay: float, opts: Options, label: str) -> tuple[subproces
     raise ServerUnavailable(f"the fake model did not start: {log.read_text(errors='replace')[-300:]}")
 
 
+def llm_args(base_url: str) -> tuple[str, ...]:
+    """The server flags of the llm scenarios: the fake model, limits out of the way."""
+    return (
+        "--llm-base-url", base_url, "--llm-model", "bench",
+        "--llm-max-steps", "1000", "--llm-max-connections", "1000",
+    )  # fmt: skip
+
+
 def run_one(kind: str, scenario: Scenario, opts: Options, label: str) -> dict[str, Any]:
     model: subprocess.Popen[bytes] | None = None
     if scenario.model_delay is not None:
         model, base_url = start_fake_model(scenario.model_delay, opts, label)
-        opts = attrs.evolve(
-            opts,
-            ufo_args=(
-                *opts.ufo_args, "--llm-base-url", base_url, "--llm-model", "bench",
-                "--llm-max-steps", "1000", "--llm-max-connections", "1000",
-            ),
-        )  # fmt: skip
+        opts = attrs.evolve(opts, ufo_args=(*opts.ufo_args, *llm_args(base_url)))
     try:
         server = start_server(kind, opts, label)
     except BaseException:

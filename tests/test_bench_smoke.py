@@ -140,3 +140,17 @@ def test_client_codec_round_trip() -> None:
 
     # Client frames carry the mask bit with an all-zero key, so the payload is sent as is.
     assert encode_text(b"{}") == bytes((0x81, 0x82)) + b"\x00\x00\x00\x00{}"
+
+
+def test_llm_profile_runs() -> None:
+    """`python -m bench.llm_profile` (client-side CPU of an llm step) runs to completion."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.llm_profile", "--steps", "3", "--tasks", "2", "--cprofile",
+         "--top", "3"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("client CPU per llm step (agent + model call): ")
+    assert lines[1] == "self time by package (under cProfile):"
+    assert len(lines) == 5

@@ -256,3 +256,47 @@ async def test_fake_model_over_http_speaks_chat_completions() -> None:
     assert len(model.requests) == 3
     assert model.requests[0].json == {"model": "x", "messages": []}
     assert EXECUTE_COMMAND["tool_name"] == "execute_command"
+
+
+async def test_model_calls_honour_the_proxy_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model call goes through the transport httpx picks for the endpoint: with HTTP_PROXY
+    set, the request reaches the proxy in absolute form (here FakeChatModel plays the proxy);
+    with NO_PROXY covering the host, it goes direct. The body is the usual Chat Completions
+    request, the API key is sent as a bearer token, and the reply is parsed."""
+    from ufo_trio._llm import EncodedList, LlmSettings, OpenAIChatModel
+
+    proxy = FakeChatModel(["via the proxy"])
+    direct = FakeChatModel(["direct"])
+    async with proxy, direct:
+        for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", proxy.base_url.removesuffix("/v1"))
+        settings = LlmSettings(
+            base_url="http://model.invalid:8000/v1", model="m-1", api_key=LLM_KEY, temperature=0.5
+        )
+        messages = EncodedList([{"role": "user", "content": "é"}])
+        tools = EncodedList([{"type": "function", "function": {"name": "f", "parameters": {}}}])
+        async with OpenAIChatModel(settings) as model:
+            reply = await model.complete(messages, tools)
+        assert reply.content == "via the proxy"
+        [seen] = proxy.requests
+        assert seen.path == "http://model.invalid:8000/v1/chat/completions"
+        assert seen.headers["authorization"] == f"Bearer {LLM_KEY}"
+        assert seen.headers["content-type"] == "application/json"
+        assert seen.json == {
+            "model": "m-1",
+            "messages": [{"role": "user", "content": "é"}],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            "tool_choice": "auto",
+            "parallel_tool_calls": True,
+            "temperature": 0.5,
+        }
+
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        settings = LlmSettings(base_url=direct.base_url, model="m-1")
+        async with OpenAIChatModel(settings) as model:
+            reply = await model.complete([{"role": "user", "content": "x"}], [])
+        assert reply.content == "direct"
+        assert direct.requests[0].path == "/v1/chat/completions"
+        assert "authorization" not in direct.requests[0].headers
+        assert len(proxy.requests) == 1

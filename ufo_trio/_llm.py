@@ -37,7 +37,7 @@ from ._errors import ConfigError
 from ._messages import Command, Result, ResultStatus, ToolType
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterable, Mapping
     from types import TracebackType
 
     import httpx
@@ -184,6 +184,39 @@ class ModelReply:
         return message
 
 
+def _dumps_compact(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+class EncodedList(list[dict[str, Any]]):
+    """A list of JSON objects that keeps each item's JSON text, encoded once on `append`.
+
+    The conversation only grows, and every model call sends all of it: with the texts kept,
+    a call joins strings instead of encoding the whole history again (O(n) per call, not
+    O(n) encodings of O(n) messages). Items must not be changed after they are appended.
+    """
+
+    def __init__(self, items: Iterable[dict[str, Any]] = ()) -> None:
+        super().__init__()
+        self._texts: list[str] = []
+        for item in items:
+            self.append(item)
+
+    def append(self, item: dict[str, Any]) -> None:
+        super().append(item)
+        self._texts.append(_dumps_compact(item))
+
+    def encoded(self) -> str:
+        """The list as compact JSON text (equal to `json.dumps` of it)."""
+        if len(self._texts) != len(self):  # changed behind append's back: encode it all
+            self._texts = [_dumps_compact(item) for item in self]
+        return "[" + ",".join(self._texts) + "]"
+
+
+def _encoded(items: list[dict[str, Any]]) -> str:
+    return items.encoded() if isinstance(items, EncodedList) else _dumps_compact(items)
+
+
 class ChatModel(Protocol):
     """The model as the agent sees it: one Chat Completions call per `complete`."""
 
@@ -296,9 +329,23 @@ class OpenAIChatModel:
         self.settings = settings
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
-        self._headers = {"content-type": "application/json", "accept": "application/json"}
+        #: The client's transport for the endpoint (the proxy one if the environment says so).
+        self._send: httpx.AsyncBaseTransport | None = None
+        self._url: httpx.URL | None = None
+        self._headers = {
+            "content-type": "application/json",
+            "accept": "application/json",
+            "user-agent": "ufo-trio",
+        }
         if settings.api_key:
             self._headers["authorization"] = f"Bearer {settings.api_key}"
+        # Everything of the request body but the conversation, encoded once.
+        self._body_head = '{"model":' + _dumps_compact(settings.model) + ',"messages":'
+        self._body_tail = (
+            ',"tool_choice":"auto","parallel_tool_calls":true,"temperature":'
+            + _dumps_compact(settings.temperature)
+            + "}"
+        )
 
     async def __aenter__(self) -> OpenAIChatModel:
         import httpx  # deferred: a server without a model never loads it
@@ -311,6 +358,12 @@ class OpenAIChatModel:
         # Deadlines come from trio scopes in the agent (MockClock drives them), not from httpx.
         # The environment's HTTPS_PROXY / NO_PROXY / SSL_CERT_FILE apply, as for any httpx client.
         self._client = httpx.AsyncClient(transport=self._transport, limits=limits, timeout=None)
+        # One model call goes straight to the pooled transport the client chose for the
+        # endpoint (proxy or direct, per HTTPS_PROXY / NO_PROXY): the client's per-request
+        # work (URL merging, cookies, auth and redirect handling) is CPU the agent pays on
+        # every step for features a model call never uses (docs/performance.md).
+        self._url = httpx.URL(self.settings.endpoint)
+        self._send = self._client._transport_for_url(self._url)
         return self
 
     async def __aexit__(
@@ -320,6 +373,7 @@ class OpenAIChatModel:
         tb: TracebackType | None,
     ) -> None:
         client, self._client = self._client, None
+        self._send = None
         if client is not None:
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await client.aclose()
@@ -327,25 +381,19 @@ class OpenAIChatModel:
     async def complete(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
     ) -> ModelReply:
-        client = self._client
-        if client is None:
+        transport, url = self._send, self._url
+        if transport is None or url is None:
             raise ModelError("the model client is not running (the server is stopping)")
         import httpx
 
         settings = self.settings
-        body = {
-            "model": settings.model,
-            "messages": messages,
-            "tools": tools,
-            "tool_choice": "auto",
-            "parallel_tool_calls": True,
-            "temperature": settings.temperature,
-        }
-        content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        content = (
+            self._body_head + _encoded(messages) + ',"tools":' + _encoded(tools) + self._body_tail
+        ).encode()
+        request = httpx.Request("POST", url, content=content, headers=self._headers)
         try:
-            async with client.stream(
-                "POST", settings.endpoint, content=content, headers=self._headers
-            ) as response:
+            response = await transport.handle_async_request(request)
+            try:
                 data = bytearray()
                 async for chunk in response.aiter_bytes():
                     data += chunk
@@ -353,6 +401,13 @@ class OpenAIChatModel:
                         raise ModelError(
                             f"the model server's answer is larger than {MAX_RESPONSE_BYTES} bytes"
                         )
+            except BaseException:
+                # Cancelled or failed mid-answer: the pool drops that connection (shielded,
+                # bounded; closing a socket does not block).
+                with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                    await response.aclose()
+                raise
+            await response.aclose()  # read to the end: the connection goes back to the pool
         except httpx.TransportError as exc:
             raise ModelError(
                 f"cannot reach the model server at {settings.shown_endpoint} "
@@ -426,7 +481,8 @@ class Toolbox:
 
     def __init__(self, descriptors: Any, secrets: tuple[tuple[str, str], ...]) -> None:
         self.tools: dict[str, _Tool] = {}
-        self.functions: list[dict[str, Any]] = []
+        #: Built once per session; its JSON text is encoded once too (`EncodedList`).
+        self.functions: EncodedList = EncodedList()
         taken = {TASK_FAILED}
         for raw in descriptors if type(descriptors) is list else []:
             if type(raw) is not dict:
@@ -521,7 +577,11 @@ _JSON_TYPES: Final[dict[str, tuple[type, ...]]] = {
 
 
 def _check_schema(value: Any, schema: Any, where: str, depth: int) -> str | None:
-    """A small JSON Schema subset: type, required, properties, additionalProperties, enum, items."""
+    """The JSON Schema subset tool descriptors use (what `ufo_trio.client` emits and more):
+    `type` (a name or a list of names), `enum`, `const`, `anyOf`/`oneOf` (one branch must
+    match), `allOf`, `required`, `properties`, `additionalProperties` (false or a schema),
+    `items`, `prefixItems`, `minItems`/`maxItems`. Anything else (`default`, `description`,
+    `title`, formats, `$ref`, …) is accepted without a check: the device has the last word."""
     if type(schema) is not dict or depth > 16:
         return None
     expected = schema.get("type")
@@ -542,8 +602,23 @@ def _check_schema(value: Any, schema: Any, where: str, depth: int) -> str | None
         if not ok:
             return f"{where} must be {' or '.join(str(k) for k in kinds)}"
     enum = schema.get("enum")
-    if type(enum) is list and value not in enum:
+    if type(enum) is list and not any(_same(value, e) for e in enum):
         return f"{where} must be one of {json.dumps(enum)[:200]}"
+    if "const" in schema and not _same(value, schema["const"]):
+        return f"{where} must be {json.dumps(schema['const'])[:200]}"
+    for key in ("anyOf", "oneOf"):
+        branches = schema.get(key)
+        if type(branches) is list and branches:
+            problems = [_check_schema(value, b, where, depth + 1) for b in branches]
+            if all(problems):
+                if len(problems) == 1:
+                    return problems[0]
+                return f"{where} matches none of the allowed forms ({problems[0]})"
+    all_of = schema.get("allOf")
+    for branch in all_of if type(all_of) is list else []:
+        problem = _check_schema(value, branch, where, depth + 1)
+        if problem:
+            return problem
     if type(value) is dict:
         required = schema.get("required")
         for name in required if type(required) is list else []:
@@ -551,23 +626,45 @@ def _check_schema(value: Any, schema: Any, where: str, depth: int) -> str | None
                 return f"missing required property {name!r}"
         properties = schema.get("properties")
         properties = properties if type(properties) is dict else {}
-        if schema.get("additionalProperties") is False:
-            for name in value:
-                if name not in properties:
-                    return f"unexpected property {name[:80]!r}"
-        for name, sub in properties.items():
-            if name in value:
-                problem = _check_schema(value[name], sub, f"{where}.{name}", depth + 1)
-                if problem:
-                    return problem
+        extra = schema.get("additionalProperties")
+        for name, item in value.items():
+            sub = properties.get(name)
+            if sub is not None:
+                problem = _check_schema(item, sub, f"{where}.{name}", depth + 1)
+            elif extra is False:
+                problem = f"unexpected property {name[:80]!r}"
+            elif type(extra) is dict:
+                problem = _check_schema(item, extra, f"{where}.{name[:80]}", depth + 1)
+            else:
+                problem = None
+            if problem:
+                return problem
     elif type(value) is list:
+        n = len(value)
+        low, high = schema.get("minItems"), schema.get("maxItems")
+        if type(low) is int and n < low:
+            return f"{where} must have at least {low} item(s)"
+        if type(high) is int and n > high:
+            return f"{where} must have at most {high} item(s)"
+        prefix = schema.get("prefixItems")
+        prefix = prefix if type(prefix) is list else []
         items = schema.get("items")
-        if type(items) is dict:
-            for i, item in enumerate(value):
-                problem = _check_schema(item, items, f"{where}[{i}]", depth + 1)
+        for i, item in enumerate(value):
+            sub = prefix[i] if i < len(prefix) else items
+            if type(sub) is dict:
+                problem = _check_schema(item, sub, f"{where}[{i}]", depth + 1)
                 if problem:
                     return problem
+            elif sub is False:
+                return f"{where} must have at most {len(prefix)} item(s)"
     return None
+
+
+def _same(value: Any, allowed: Any) -> bool:
+    """JSON equality for enum/const: True is not 1, 1.0 is 1."""
+    if type(value) is bool or type(allowed) is bool:
+        return type(value) is type(allowed) and value == allowed
+    return bool(value == allowed)
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -655,10 +752,12 @@ class LlmAgent:
             )
         log.info("session %s: llm agent: %d tool(s) on the device", sid, len(toolbox.tools))
         info = ctx.system_info
-        messages: list[dict[str, Any]] = [
-            {"role": "system", "content": _system_prompt(ctx, info)},
-            {"role": "user", "content": ctx.request},
-        ]
+        messages = EncodedList(
+            [
+                {"role": "system", "content": _system_prompt(ctx, info)},
+                {"role": "user", "content": ctx.request},
+            ]
+        )
         steps: list[dict[str, Any]] = []
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
 
