@@ -307,7 +307,7 @@ class Connection:
                 ours = context.registry.remove(self.entry)  # DC-4: only our own epoch
                 reason = self.close_reason or _describe_close(self.ws)
                 log.info("%s disconnected: %s", self.label, reason)
-                if ours and context.store is not None:  # queued; bounded if the queue is full
+                if ours and context.store is not None:  # queued; never waits (dropped if full)
                     await context.store.device_gone(self.entry.client_id, reason, wall_now())
             self.finished.set()  # cleanup proper is complete; the rest is transport
             if not self._abort and self.close_code is not None:

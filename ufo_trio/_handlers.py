@@ -121,7 +121,7 @@ class AipHandler:
             f", target {shown(entry.target_id)}" if entry.target_id else "",
         )
         store = self.context.store
-        if store is not None:  # queued, never waits for the disk (bounded if the queue is full)
+        if store is not None:  # queued; never waits (dropped and counted if the queue is full)
             await store.device_seen(
                 DeviceRecord(
                     client_id=entry.client_id,
