@@ -52,6 +52,9 @@ class _Context:
             for i in range(len(commands))
         ]
 
+    async def record_model_turn(self, turn: Any) -> None:
+        """The task history is not part of this profile."""
+
 
 async def _run(base_url: str, steps: int, tasks: int, profile: cProfile.Profile | None) -> float:
     settings = LlmSettings(base_url=base_url, model="bench", max_steps=steps + 1)

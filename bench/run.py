@@ -263,6 +263,18 @@ class Options:
     priority: int | None = None
     #: (certificate, key, CA) files for UFO_TLS, made by `make_tls_files`.
     tls_files: tuple[Path, Path, Path] | None = None
+    #: ufo_trio's --db: ":memory:" (default, comparable with older runs) or "file" for a fresh
+    #: SQLite file per server start in the log directory (issue 11: file vs memory).
+    db: str = ":memory:"
+
+
+def _db_path(opts: Options) -> str:
+    if opts.db == ":memory:":
+        return opts.db
+    path = opts.logdir / "history.db"
+    for suffix in ("", "-wal", "-shm"):  # a fresh file for every server start
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    return str(path)
 
 
 def make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
@@ -290,6 +302,7 @@ def server_command(kind: str, opts: Options, token: str) -> list[str]:
             # A closed loop on one connection outruns the default per-connection message rate
             # (1,000/s); keep the check on the hot path, where it costs, but out of reach.
             "--message-rate", "1000000", "--message-burst", "1000000",
+            "--db", _db_path(opts),
             *opts.ufo_args,
         ]  # fmt: skip
         if kind == UFO_TLS:
@@ -865,6 +878,12 @@ def main(argv: list[str] | None = None) -> int:
         help="extra argument for python -m ufo_trio (repeatable)",
     )
     parser.add_argument(
+        "--db",
+        choices=(":memory:", "file"),
+        default=":memory:",
+        help="ufo_trio's task history: in memory (default) or a fresh SQLite file per run",
+    )
+    parser.add_argument(
         "--gc-threshold",
         type=int,
         default=None,
@@ -916,6 +935,7 @@ def main(argv: list[str] | None = None) -> int:
         logdir=logdir,
         gc_threshold=args.gc_threshold,
         priority=args.priority,
+        db=args.db,
         tls_files=make_tls_files(logdir) if wants_tls else None,
     )
     print(
@@ -969,6 +989,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeat": args.repeat,
             "duration": args.duration,
             "ufo_args": args.ufo_arg,
+            "db": args.db,
             "gc_threshold": args.gc_threshold,
             "priority": args.priority,
         },

@@ -161,6 +161,8 @@ def _spawn_server(api_key: str) -> tuple[subprocess.Popen[str], str]:
             f"--api-key={api_key}",
             "--log-level",
             "WARNING",
+            "--db",
+            ":memory:",
         ],
         stdout=subprocess.PIPE,
         text=True,

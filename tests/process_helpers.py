@@ -17,6 +17,19 @@ if TYPE_CHECKING:
 #: Generous bound on start-up and exit (a cold interpreter on a busy CI machine).
 WAIT = 30.0
 
+_CLIENT_COMMANDS = ("device", "task", "clients", "tasks")
+
+
+def memory_db(args: tuple[str, ...] | list[str]) -> list[str]:
+    """`args` for `python -m ufo_trio` with `--db :memory:` added to a server command that does
+    not choose its database, so no test leaves a `ufo_trio.db` in the working directory."""
+    args = list(args)
+    if (args and args[0] in _CLIENT_COMMANDS) or any(
+        a == "--db" or a.startswith("--db=") for a in args
+    ):
+        return args
+    return [*args, "--db", ":memory:"]
+
 
 async def read_line(stream: trio.abc.ReceiveStream) -> str:
     """The first line of `stream`, without its newline (what came before EOF if none)."""
@@ -39,7 +52,7 @@ async def cli_process(
     """Start `python -m ufo_trio ARGS` and read its first line within `WAIT` (CLAR-5: it is
     flushed at once, even to a pipe); on exit kill the process if it is still running."""
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "ufo_trio", *args],
+        [sys.executable, "-m", "ufo_trio", *memory_db(args)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=stderr,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
-from process_helpers import WAIT, cli_process
+from process_helpers import WAIT, cli_process, memory_db
 
 from ufo_trio.testing import connect
 
@@ -85,7 +85,7 @@ async def run_to_exit(
 ) -> subprocess.CompletedProcess[bytes]:
     with trio.fail_after(WAIT):
         result: subprocess.CompletedProcess[bytes] = await trio.run_process(
-            [sys.executable, "-m", "ufo_trio", *args],
+            [sys.executable, "-m", "ufo_trio", *memory_db(args)],
             stdin=subprocess.DEVNULL,
             capture_stdout=True,
             capture_stderr=True,

@@ -57,7 +57,7 @@ def test_empty_api_key_is_refused_auth1(key: str) -> None:
 
 def test_cli_empty_api_key_exits_2_with_one_line_ep3() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "ufo_trio", "--port", "0", "--api-key="],
+        [sys.executable, "-m", "ufo_trio", "--port", "0", "--api-key=", "--db", ":memory:"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -343,7 +343,7 @@ def test_server_context_is_tls12_or_newer(pair: Pair, tmp_path: Path) -> None:
 
 
 def serve_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "ufo_trio", "--port", "0", "--api-key", "K", *args]
+    return [sys.executable, "-m", "ufo_trio", "--port", "0", "--api-key", "K", "--db", ":memory:", *args]
 
 
 async def run_to_exit(*args: str, **env: str) -> subprocess.CompletedProcess[bytes]:

@@ -71,6 +71,11 @@ class SessionContext(Protocol):
         """
         ...
 
+    async def record_model_turn(self, turn: Mapping[str, Any]) -> None:
+        """Keep one model turn (a JSON object, secrets already removed) in the task history,
+        with the COMMAND it leads to (the next `execute`). Never waits for the disk."""
+        ...
+
 
 @runtime_checkable
 class Agent(Protocol):

@@ -46,12 +46,14 @@ from ._http import (
 )
 from ._messages import ServerMessage, ServerMessageType, TaskStatus, new_id
 from ._sessions import sanitize_task_name
+from ._store import BadQuery, StoreUnavailable, parse_task_query
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable, Sequence
 
     from ._http import Reply, StreamReply
     from ._sessions import ResultStore, Session
+    from ._store import TaskStore
 
     #: What a route calls: the API's narrow context and the request → the answer.
     Handler = Callable[["ApiContext", "Request"], Awaitable["Reply | StreamReply"]]
@@ -73,6 +75,7 @@ INVALID_TASK_NAME: Final = (
 )
 CLIENT_NOT_ONLINE: Final = "Client not online"
 SEND_FAILED: Final = "Failed to send task to client"
+TASK_NOT_FOUND: Final = "Task not found"
 
 #: HTTP-3 step 3: a dispatch `task_name` is checked, not sanitised.
 _TASK_NAME: Final = re.compile(r"[A-Za-z0-9._-]+")
@@ -330,17 +333,73 @@ async def dispatch(ctx: ApiContext, request: Request) -> Reply:
 
 
 async def task_result(ctx: ApiContext, request: Request) -> Reply:
-    """HTTP-4: never blocks; pending while a live session has the name or it is unknown."""
+    """HTTP-4: never blocks; pending while a live session has the name or it is unknown.
+
+    Latest by name (RES-1): a live session, then this run's outcomes in memory, then a task
+    history file (earlier runs, or an outcome the bounded memory store has let go), read in a
+    thread. With `--db :memory:` the answer is what it always was (nothing outlives the run).
+    """
     name = sanitize_task_name(urllib.parse.unquote(request.params["task_name"]))
     sessions = ctx.sessions
     if any(s.task_name == name for s in sessions.live.values()):
         return json_reply(200, {"status": "pending"})
     record = sessions.results.by_task_name(name)
     if record is None:
-        return json_reply(200, {"status": "pending"})
+        store = ctx.shared.store
+        if store is None or not store.persistent:
+            return json_reply(200, {"status": "pending"})
+        try:
+            return json_reply(200, await store.task_result(name))
+        except StoreUnavailable as exc:
+            return error_reply(503, str(exc))
     if record.status == TaskStatus.COMPLETED.value:
         return json_reply(200, {"status": "done", "result": record.result})
     return json_reply(200, {"status": "failed", "error": record.error, "result": record.result})
+
+
+# ------------------------------------------------------------------ handlers: task history
+
+
+async def _history(ctx: ApiContext, read: Callable[[TaskStore], Awaitable[Reply]]) -> Reply:
+    """Run one read of the task history: 400 for bad parameters, 503 if it is unavailable."""
+    store = ctx.shared.store
+    if store is None:
+        return error_reply(503, "Task history is not available")
+    try:
+        return await read(store)
+    except BadQuery as exc:
+        return error_reply(400, str(exc))
+    except StoreUnavailable as exc:
+        return error_reply(503, str(exc))
+
+
+async def list_tasks(ctx: ApiContext, request: Request) -> Reply:
+    """GET /api/tasks: newest first, filtered, cursor-paginated (issue 11)."""
+
+    async def read(store: TaskStore) -> Reply:
+        params = dict(urllib.parse.parse_qsl(request.head.query, keep_blank_values=True))
+        return json_reply(200, await store.list_tasks(parse_task_query(params)))
+
+    return await _history(ctx, read)
+
+
+async def task_detail(ctx: ApiContext, request: Request) -> Reply:
+    """GET /api/tasks/{session_id}: the summary plus request, result and step transcript."""
+
+    async def read(store: TaskStore) -> Reply:
+        detail = await store.task_detail(urllib.parse.unquote(request.params["session_id"]))
+        return error_reply(404, TASK_NOT_FOUND) if detail is None else json_reply(200, detail)
+
+    return await _history(ctx, read)
+
+
+async def list_devices(ctx: ApiContext, request: Request) -> Reply:
+    """GET /api/devices: every client ever seen, the online ones merged with live data."""
+
+    async def read(store: TaskStore) -> Reply:
+        return json_reply(200, await store.devices())
+
+    return await _history(ctx, read)
 
 
 # ---------------------------------------------------------------------- handlers: sessions
@@ -373,4 +432,7 @@ ROUTES: Final[tuple[Route, ...]] = (
     Route("POST", "/api/dispatch", dispatch),
     Route("GET", "/api/task_result/{task_name}", task_result),
     Route("GET", "/api/sessions", list_sessions),
+    Route("GET", "/api/tasks", list_tasks),
+    Route("GET", "/api/tasks/{session_id}", task_detail),
+    Route("GET", "/api/devices", list_devices),
 )

@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import trio
 
 from ._config import (
+    DB_MAX_RESULT_BYTES,
+    DB_MAX_TASKS,
+    DB_RETENTION_DAYS,
     DUPLICATE_POLICIES,
     LOG_LEVELS,
     MAX_BODY_SIZE,
@@ -30,6 +33,7 @@ from ._config import (
 )
 from ._errors import ConfigError
 from ._server import Server, serve
+from ._store import StoreError
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -38,7 +42,7 @@ if TYPE_CHECKING:
 PROG = "ufo-trio"
 #: The model server's key comes only from the environment (never a flag: argv is visible).
 LLM_API_KEY_ENV = "UFO_TRIO_LLM_API_KEY"
-SUBCOMMANDS = ("serve", "device", "task", "clients")
+SUBCOMMANDS = ("serve", "device", "task", "clients", "tasks")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,6 +68,7 @@ def _finite(what: str) -> Callable[[str], float]:
 
 
 _seconds = _finite("a number of seconds")
+_days = _finite("a number of days")
 _rate = _finite("a number per second")
 
 
@@ -72,6 +77,13 @@ def _int(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _count_or_zero(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
 
 
 def _size(text: str) -> int:
@@ -125,6 +137,11 @@ _SERVE_FLAGS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("--send-timeout", _seconds, SEND_TIMEOUT, "seconds to write or queue one outbound frame"),
     ("--max-header-size", _size, MAX_HEADER_SIZE, "largest HTTP request head in bytes; more get 431"),
     ("--max-body-size", _size, MAX_BODY_SIZE, "largest HTTP request body in bytes; more get 413"),
+    # Task history (issue 11, docs/operations.md "The task database").
+    ("--db", str, "ufo_trio.db", "SQLite file of the task history; :memory: keeps none"),
+    ("--db-retention-days", _days, DB_RETENTION_DAYS, "delete ended tasks older than this; 0 = keep"),
+    ("--db-max-tasks", _count_or_zero, DB_MAX_TASKS, "keep at most this many tasks; 0 = no cap"),
+    ("--db-max-result-bytes", _size, DB_MAX_RESULT_BYTES, "largest task result stored (JSON bytes)"),
     # Built-in TLS (docs/operations.md "TLS"): both or neither; SIGHUP reloads the pair.
     ("--tls-cert", str, None, "PEM certificate chain: serve wss:// and https:// on the port"),
     ("--tls-key", str, None, "PEM private key of --tls-cert"),
@@ -229,6 +246,9 @@ async def _serve_until_signalled(config: ServerConfig) -> int:
             except ConfigError as exc:
                 print(f"{PROG}: error: {exc}", file=sys.stderr)
                 return 2
+            except StoreError as exc:  # the task database cannot be used (issue 11)
+                print(f"{PROG}: error: {exc}", file=sys.stderr)
+                return 1
             print(_startup_line(server), flush=True)
             # Everything imported so far lives as long as the process: keep it out of every
             # future garbage collection pass (they otherwise rescan it on each full collection).

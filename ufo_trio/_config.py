@@ -43,6 +43,10 @@ MESSAGE_BURST = 2000
 PROBE_TIMEOUT_CAP = 5.0
 #: How long the WebSocket closing handshake may take before the socket is aborted.
 CLOSE_TIMEOUT = 5.0
+#: Task history (issue 11): retention, row cap, stored result size.
+DB_RETENTION_DAYS = 30.0
+DB_MAX_TASKS = 100_000
+DB_MAX_RESULT_BYTES = 1024 * 1024
 
 
 def _non_negative(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -58,6 +62,11 @@ def _positive(_inst: object, attribute: attrs.Attribute[Any], value: float) -> N
 def _key(_inst: object, _attribute: attrs.Attribute[Any], value: str | None) -> None:
     if value is not None and not value.strip():
         raise ConfigError("api-key must not be empty (leave it unset to generate one)")
+
+
+def _db_path(_inst: object, _attribute: attrs.Attribute[str], value: str) -> None:
+    if not value.strip() or "\x00" in value:
+        raise ConfigError("db must be a file path or :memory:")
 
 
 def _port(_inst: object, _attribute: attrs.Attribute[int], value: int) -> None:
@@ -153,6 +162,12 @@ class ServerConfig:
     message_burst: int = attrs.field(default=MESSAGE_BURST, validator=_positive)
     max_header_size: int = attrs.field(default=MAX_HEADER_SIZE, validator=_positive)
     max_body_size: int = attrs.field(default=MAX_BODY_SIZE, validator=_positive)
+    # Task history (issue 11, docs/operations.md). ":memory:" (the embedding default) keeps it in
+    # memory only; the CLI defaults to ufo_trio.db. 0 turns the age limit / the row cap off.
+    db: str = attrs.field(default=":memory:", validator=_db_path)
+    db_retention_days: float = attrs.field(default=DB_RETENTION_DAYS, validator=_non_negative)
+    db_max_tasks: int = attrs.field(default=DB_MAX_TASKS, validator=_non_negative)
+    db_max_result_bytes: int = attrs.field(default=DB_MAX_RESULT_BYTES, validator=_positive)
     # Built-in TLS (docs/operations.md "TLS"): PEM certificate chain and private key, both or none.
     tls_cert: str | None = None
     tls_key: str | None = None

@@ -27,6 +27,7 @@ from ._codec import encode_server_message, shown
 from ._config import CLOSE_TIMEOUT
 from ._errors import ConnectionGone
 from ._messages import ServerMessage, ServerMessageType, TaskStatus, new_id
+from ._store_sql import wall_now
 
 if TYPE_CHECKING:
     from ._context import ServerContext
@@ -303,12 +304,11 @@ class Connection:
             # Frames are written before `send` returns, so whatever a handler or session sent
             # (ERROR before 1003, TASK_ENDs before 1001) is already out.
             if registered and self.entry is not None:
-                context.registry.remove(self.entry)  # DC-4: only our own epoch
-                log.info(
-                    "%s disconnected: %s",
-                    self.label,
-                    self.close_reason or _describe_close(self.ws),
-                )
+                ours = context.registry.remove(self.entry)  # DC-4: only our own epoch
+                reason = self.close_reason or _describe_close(self.ws)
+                log.info("%s disconnected: %s", self.label, reason)
+                if ours and context.store is not None:  # queued; never waits (dropped if full)
+                    await context.store.device_gone(self.entry.client_id, reason, wall_now())
             self.finished.set()  # cleanup proper is complete; the rest is transport
             if not self._abort and self.close_code is not None:
                 # A peer that missed its pings will not answer the closing handshake either.

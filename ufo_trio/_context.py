@@ -25,6 +25,7 @@ import trio
 
 from ._config import ServerConfig
 from ._registry import Registry
+from ._store import TaskStore
 
 
 @attrs.define(eq=False)
@@ -83,3 +84,5 @@ class ServerContext:
     registry: Registry
     auth: Auth
     shutdown: Shutdown = attrs.field(factory=Shutdown)
+    #: The task history (issue 11); None: not recorded (a context built without a server).
+    store: TaskStore | None = None

@@ -39,6 +39,7 @@ from ._messages import (
 from ._registry import ClientEntry
 from ._rules import Duplicate, Reject
 from ._sessions import SessionManager
+from ._store_sql import DeviceRecord, wall_now
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -119,6 +120,18 @@ class AipHandler:
             shown(entry.platform, 40),
             f", target {shown(entry.target_id)}" if entry.target_id else "",
         )
+        store = self.context.store
+        if store is not None:  # queued; never waits (dropped and counted if the queue is full)
+            await store.device_seen(
+                DeviceRecord(
+                    client_id=entry.client_id,
+                    role=entry.role.value,
+                    platform=entry.platform,
+                    system_info=entry.system_info,
+                    target_id=entry.target_id,
+                    at=entry.registered_at,
+                )
+            )
         await self.handle_frames(conn)
 
     # ------------------------------------------------------------------------------ registration
@@ -211,6 +224,7 @@ class AipHandler:
                 target_id=_rules.registered_target(msg),
                 connection=conn,
                 connected_at=trio.current_time(),
+                registered_at=wall_now(),
             )
             confirmation = ServerMessage(
                 type=ServerMessageType.HEARTBEAT,
@@ -273,6 +287,7 @@ class AipHandler:
             return
         kind = msg.type
         if kind is ClientMessageType.HEARTBEAT:
+            entry.last_heartbeat = trio.current_time()
             await conn.send_text(encode_heartbeat_ack())
         elif kind is ClientMessageType.TASK:
             await self.sessions.handle_task(conn, msg)

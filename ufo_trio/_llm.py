@@ -719,6 +719,19 @@ class LlmAgent:
                 text = text.replace(secret, _SECRET_MASK)
         return text
 
+    def _turn(self, reply: ModelReply) -> dict[str, Any]:
+        """A model turn for the task history: text and calls cut and with secrets masked."""
+        limit = self.settings.max_output_bytes
+        return {
+            "content": None if reply.content is None else _cut(self._scrub(reply.content), limit),
+            "tool_calls": [
+                {"id": c.id, "name": c.name[:80], "arguments": _cut(self._scrub(c.arguments), limit)}
+                for c in reply.tool_calls
+            ],
+            "prompt_tokens": reply.prompt_tokens,
+            "completion_tokens": reply.completion_tokens,
+        }
+
     def _fail(self, reason: str, outcome: dict[str, Any] | None = None) -> TaskFailed:
         return TaskFailed(PREFIX + self._scrub(reason), outcome)
 
@@ -758,6 +771,7 @@ class LlmAgent:
                 raise self._fail(exc.message, outcome(None)) from None
             usage["prompt_tokens"] += reply.prompt_tokens
             usage["completion_tokens"] += reply.completion_tokens
+            await ctx.record_model_turn(self._turn(reply))
             if not reply.tool_calls:
                 return outcome(self._scrub(reply.content or ""))
             for call in reply.tool_calls:

@@ -35,6 +35,10 @@ class ClientEntry:
     connection: Connection
     connected_at: float
     epoch: int = attrs.field(factory=lambda: next(_epochs))
+    #: Wall-clock registration time (WIRE-7), taken once (GET /api/devices, the task history).
+    registered_at: str = ""
+    #: Trio time of the last heartbeat frame (None: none yet); shown as wall clock on read.
+    last_heartbeat: float | None = None
 
     @property
     def is_device(self) -> bool:

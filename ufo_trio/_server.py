@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import logging
 import secrets
+import time
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -19,9 +22,13 @@ from ._llm import OpenAIChatModel, build_agent
 from ._registry import Registry
 from ._rules import SHUTTING_DOWN
 from ._sessions import SessionManager
+from ._store import StoreError, TaskStore
+from ._store_sql import OnlineClient
 from ._tls import ServerTLS, load_tls
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import httpx
 
     from ._agents import AgentFactory
@@ -66,6 +73,7 @@ class Server:
     _nursery: trio.Nursery | None = None
     #: Built-in TLS (`--tls-cert`/`--tls-key`), or None for plain ws:// and http://.
     tls: ServerTLS | None = None
+    _served: bool = False
     #: The model client of the llm agent (its HTTP connection pool), owned by `run`.
     model: OpenAIChatModel | None = None
 
@@ -74,6 +82,11 @@ class Server:
             config=self.config,
             registry=self.registry,
             auth=Auth.build(self.api_key, self.config.allowed_origins),
+            store=TaskStore.from_config(
+                self.config,
+                online=partial(online_clients, self.registry),
+                secrets=self.model.settings.secrets() if self.model is not None else (),
+            ),
         )
         self.sessions = SessionManager(self.context, self.agent_factory)
         self.handler = AipHandler(self.context, self.sessions)
@@ -121,7 +134,13 @@ class Server:
         *,
         task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Accept on `listeners` (may be empty) until shutdown completes or we are cancelled."""
+        """Accept on `listeners` (may be empty) until shutdown completes or we are cancelled.
+
+        The server nursery holds the subsystems' owner tasks (the task store, opened before
+        anything is accepted: `StoreError`) and the listener nursery (accept task, connection
+        handlers); the store is flushed and closed once the listener nursery is done, within
+        what is left of the grace.
+        """
         if self.model is None:
             await self._run(listeners, task_status)
             return
@@ -133,8 +152,39 @@ class Server:
     async def _run(
         self, listeners: list[trio.SocketListener], task_status: trio.TaskStatus[Server]
     ) -> None:
+        store = self.context.store
         try:
-            async with trio.open_nursery() as nursery:
+            with _unwrapped(StoreError):
+                await self._run_nursery(store, listeners, task_status)
+        finally:
+            for listener in listeners:
+                with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                    await listener.aclose()
+            self._stopped.set()
+            if self._served:
+                log.info("stopped")
+
+    async def _run_nursery(
+        self,
+        store: TaskStore | None,
+        listeners: list[trio.SocketListener],
+        task_status: trio.TaskStatus[Server],
+    ) -> None:
+        async with trio.open_nursery() as server_nursery:
+            if store is not None:
+                await server_nursery.start(store.run)
+            try:
+                await self._serve(listeners, task_status)
+            finally:
+                if store is not None:  # what is left of the grace, but a second at least
+                    left = self.context.shutdown.deadline - trio.current_time()
+                    store.close(min(max(left, 1.0), self.config.shutdown_grace))
+
+    async def _serve(
+        self, listeners: list[trio.SocketListener], task_status: trio.TaskStatus[Server]
+    ) -> None:
+        try:
+            async with trio.open_nursery() as nursery:  # the listener nursery
                 self._nursery = nursery
                 accept_scope = trio.CancelScope()
 
@@ -148,15 +198,11 @@ class Server:
                     nursery.start_soon(accept)
                     log.info("listening on %s", self.url)
                 task_status.started(self)
+                self._served = True
                 await self._shutdown.wait()
                 await self._graceful_stop(accept_scope, nursery)
         finally:
             self._nursery = None
-            for listener in listeners:
-                with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                    await listener.aclose()
-            self._stopped.set()
-            log.info("stopped")
 
     async def _graceful_stop(self, accept_scope: trio.CancelScope, nursery: trio.Nursery) -> None:
         accept_scope.cancel()  # SHUT-1: stop accepting
@@ -174,6 +220,44 @@ class Server:
             await self.sessions.cancel_all(SHUTTING_DOWN)
         for conn in list(self.connections):  # SHUT-2
             conn.close(1001, "server shutting down")
+
+
+@contextlib.contextmanager
+def _unwrapped(kind: type[Exception]) -> Iterator[None]:
+    """Raise a lone `kind` out of a nursery's exception group as itself (`StoreError` at
+    start-up is one line for the CLI, like `OSError` from binding)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], kind):
+            raise group.exceptions[0] from None
+        raise
+
+
+def online_clients(registry: Registry) -> list[OnlineClient]:
+    """Who is connected now, for GET /api/devices. Trio times become wall clock here, on read,
+    by one offset taken now (nothing per heartbeat but a float)."""
+    now = trio.current_time()
+    wall = time.time()
+
+    def at(moment: float | None) -> str | None:
+        if moment is None:
+            return None
+        return datetime.datetime.fromtimestamp(wall - (now - moment), datetime.UTC).isoformat()
+
+    return [
+        OnlineClient(
+            client_id=e.client_id,
+            role=e.role.value,
+            platform=e.platform,
+            connected_at=e.registered_at or None,
+            last_heartbeat=at(e.last_heartbeat),
+            sessions_running=len(e.connection.executing),
+            target_id=e.target_id,
+            system_info=e.system_info,
+        )
+        for e in registry
+    ]
 
 
 def build_server(

@@ -9,7 +9,6 @@ a session, its TASK_END is sent from a shielded, time-bounded scope (CAN-2), exa
 from __future__ import annotations
 
 import collections
-import datetime
 import logging
 import re
 from typing import TYPE_CHECKING, Any, Final
@@ -34,6 +33,7 @@ from ._messages import (
     new_id,
 )
 from ._rules import INVALID_RESULTS, SHUTTING_DOWN, Match, Reject
+from ._store_sql import TaskRecord, wall_now
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -60,10 +60,6 @@ def sanitize_task_name(raw: str | None) -> str:
 def default_agent_name(platform: str) -> str:
     """AGENT-3: the COMMAND's `agent_name` when the agent does not choose one."""
     return _AGENT_NAMES.get(platform, "HostAgent")
-
-
-def _wall_now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat()
 
 
 def _failures(commands: list[Command], error: str) -> list[Result]:
@@ -140,11 +136,13 @@ class Session:
     agent: Agent
     #: The executor's `system_info` from its REGISTER (read-only; None if it sent none).
     system_info: Mapping[str, Any] | None = None
-    started_at: str = attrs.field(factory=_wall_now)
+    started_at: str = attrs.field(factory=wall_now)
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     cancel_reason: str | None = None
     done: trio.Event = attrs.field(factory=trio.Event)
     waiters: dict[str, _Waiter] = attrs.field(factory=dict)
+    #: COMMAND frames sent so far (the step index of the task history).
+    steps: int = 0
     log: logging.LoggerAdapter[logging.Logger] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -175,7 +173,10 @@ class Session:
         response_id = new_id()
         waiter = _Waiter(commands)
         self.waiters[response_id] = waiter
-        config = self.manager.context.config
+        context = self.manager.context
+        config, store = context.config, context.store
+        step = self.steps
+        self.steps += 1
         try:
             try:
                 await self.executor.send(
@@ -199,8 +200,12 @@ class Session:
                 )
             except ConnectionGone:
                 pass  # the executor is closing; its teardown cancels this session
+            if store is not None:
+                await store.command_sent(self.session_id, step, commands, wall_now())
             with trio.move_on_after(config.command_timeout):
                 await waiter.done.wait()
+            if store is not None:  # the Results, or None for a timeout
+                await store.results_received(self.session_id, step, waiter.results, wall_now())
             if waiter.results is None:  # CMD-6
                 log.info(
                     "session %s: no results for %s within %gs",
@@ -223,7 +228,11 @@ class Session:
             with self.scope:
                 # TASK-8: the ACK is written by the session itself before `nursery.start`
                 # returns, so it precedes both the first COMMAND and any later reply of the
-                # requester's handler (PROC-2), without a hand-off between tasks.
+                # requester's handler (PROC-2), without a hand-off between tasks. The task's
+                # history row is committed first (issue 11: a crash after the ACK is known).
+                store = self.manager.context.store
+                if store is not None:
+                    await store.task_accepted(self._record())
                 try:
                     await self.requester.send(
                         ServerMessage(
@@ -235,6 +244,8 @@ class Session:
                     )
                 except ConnectionGone:
                     pass  # the requester is closing: its teardown cancels this session
+                if store is not None:
+                    store.task_acked(self.session_id, wall_now())
                 task_status.started(self.scope)
                 if self.requester.is_open and self.executor.is_open:
                     outcome = await self._drive()
@@ -250,6 +261,25 @@ class Session:
             with trio.CancelScope(shield=True), context.shutdown.bounded(patience):
                 await self.manager.finish(self, *outcome)
             self.done.set()
+
+    async def record_model_turn(self, turn: Mapping[str, Any]) -> None:
+        """AGENT-2 extension: the turn goes to the task history with the next COMMAND's index."""
+        store = self.manager.context.store
+        if store is not None:
+            await store.model_turn(self.session_id, self.steps, dict(turn))
+
+    def _record(self) -> TaskRecord:
+        return TaskRecord(
+            session_id=self.session_id,
+            task_name=self.task_name,
+            request=self.request,
+            requester_id=self.requester_id,
+            requester_type=self.requester_type.value,
+            executor_id=self.executor_id,
+            platform=self.platform,
+            agent=self.manager.context.config.effective_agent,
+            created_at=self.started_at,
+        )
 
     def _implied_reason(self) -> str:
         """Why a session was cancelled from outside its own scope (e.g. while starting)."""
@@ -458,6 +488,7 @@ class SessionManager:
                     error=error,
                 )
             )
+        finished_at = wall_now()
         self.results.add(
             SessionRecord(
                 session_id=session.session_id,
@@ -465,9 +496,19 @@ class SessionManager:
                 status=status,
                 error=error,
                 result=result,
-                finished_at=_wall_now(),
+                finished_at=finished_at,
             )
         )
+        store = self.context.store
+        if store is not None:  # never dropped; bounded (the queue's full-wait) if it is full
+            await store.task_ended(
+                session.session_id,
+                status.value,
+                error,
+                result,
+                finished_at,
+                task_name=session.task_name,
+            )
         log.info(
             "session %s ended: %s%s",
             shown(session.session_id),

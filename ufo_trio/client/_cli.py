@@ -147,6 +147,10 @@ def add_subcommands(subparsers: Any) -> None:
     clients.add_argument("--json", action="store_true", help="print the raw JSON list")
     clients.set_defaults(func=run_clients_command)
 
+    from ._tasks_cli import add_tasks_subcommand  # deferred: it imports this module's helpers
+
+    add_tasks_subcommand(subparsers)
+
 
 def _add_connection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
