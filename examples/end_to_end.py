@@ -55,8 +55,9 @@ async def main() -> int:
     python = sys.executable
     with trio.fail_after(OVERALL_TIMEOUT):
         # Terminal 1: the server, on a free port. Its first stdout line names the URL.
+        # `--db :memory:` keeps this demo from leaving a task history file behind.
         server = await trio.lowlevel.open_process(
-            [python, "-m", "ufo_trio", "--port", "0", "--log-level", "WARNING"],
+            [python, "-m", "ufo_trio", "--port", "0", "--log-level", "WARNING", "--db", ":memory:"],
             stdout=subprocess.PIPE,
             env=env,
         )

@@ -63,7 +63,7 @@ async def main() -> int:
         async with FakeChatModel(rule=play_the_model) as model:
             print(f"[model] fake model at {model.base_url}", flush=True)
             server = await trio.lowlevel.open_process(
-                [python, "-m", "ufo_trio", "--port", "0", "--log-level", "WARNING",
+                [python, "-m", "ufo_trio", "--port", "0", "--log-level", "WARNING", "--db", ":memory:",
                  "--llm-base-url", model.base_url, "--llm-model", "fake-model"],
                 stdout=subprocess.PIPE,
                 env=env,
