@@ -365,3 +365,39 @@ async def test_text_request_reaches_the_server_verbatim(
     record = server.sessions.results.by_task_name("words")
     assert record is not None
     assert record.session_id in captured.out
+
+
+async def test_two_requests_that_time_out_fail_one_line_each(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A device that never answers: the server ACKs each task and never sends its TASK_END.
+    # Each request hits --timeout on its own: one error line each, no traceback, exit 1
+    # (docs/cli.md: 0 only if every task completed), and neither cancels the other.
+    tasks: list[dict[str, Any]] = []
+
+    async def handler(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        await receive(ws)
+        await send(ws, CONFIRM)
+        while True:
+            task = await receive(ws)
+            tasks.append(task)
+            await send(ws, {"type": "heartbeat", "status": "ok",
+                            "session_id": task["session_id"], "response_id": task["request_id"]})
+
+    url = await fake_server(nursery, handler)
+    args = parse(["task", "--url", url, "--target", "dev1", "--timeout", "1", "--no-progress",
+                  '[{"tool_name":"echo"}]', '[{"tool_name":"echo"}]'])
+    start = trio.current_time()
+    assert await _task_main(args) == 1
+    assert trio.current_time() - start == 1
+    assert len(tasks) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert sorted(lines) == sorted(
+        f"ufo_trio task: error: task {t['session_id']} on 'dev1' did not end within 1 s "
+        "(it may still be running on the server)"
+        for t in tasks
+    ), lines

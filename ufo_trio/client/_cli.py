@@ -423,31 +423,34 @@ async def _task_main(args: argparse.Namespace) -> int:
             name = names[index]
             session_id = session_ids[index]
             line = lines[index]
-            try:
-                async with trio.open_nursery() as polling:
-                    if progress is not None and line is not None:
-                        polling.start_soon(progress.poll, line, fetch_task)
-                        on_ack = functools.partial(progress.acknowledged, line)
-                    else:
-                        on_ack = None
-                    try:
-                        outcome = await constellation.run_task(
-                            args.target,
-                            request,
-                            task_name=name,
-                            session_id=session_id,
-                            timeout=args.timeout,
-                            on_ack=on_ack,
-                        )
-                    finally:
-                        polling.cancel_scope.cancel()  # the TASK_END ends the polling
-            except ClientError as exc:
+            outcome: TaskOutcome | None = None
+            failure: ClientError | None = None
+            # The failure is caught inside the nursery body: raised through it, it would come
+            # out as an ExceptionGroup and cancel the other requests' tasks.
+            async with trio.open_nursery() as polling:
                 if progress is not None and line is not None:
-                    progress.finished(line)
-                _fail("task", exc)
-                return
+                    polling.start_soon(progress.poll, line, fetch_task)
+                    on_ack = functools.partial(progress.acknowledged, line)
+                else:
+                    on_ack = None
+                try:
+                    outcome = await constellation.run_task(
+                        args.target,
+                        request,
+                        task_name=name,
+                        session_id=session_id,
+                        timeout=args.timeout,
+                        on_ack=on_ack,
+                    )
+                except ClientError as exc:
+                    failure = exc
+                finally:
+                    polling.cancel_scope.cancel()  # the TASK_END ends the polling
             if progress is not None and line is not None:
                 progress.finished(line)
+            if outcome is None:
+                _fail("task", failure)
+                return
             outcomes[index] = outcome
             _print_outcome(args, outcome, plan)
 
