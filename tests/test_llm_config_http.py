@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 WAIT = 30.0
 LLM_KEY = "sk-planted-llm-key-0123456789"
-TOOL_KEY = "planted-tool-secret-9876543210"
+# `"` and `\` are escaped in JSON text: masking must find the secret in that form too.
+TOOL_KEY = 'planted-tool-"secret"\\9876543210'
 
 
 # ------------------------------------------------------------------------------ configuration
@@ -152,7 +153,9 @@ async def test_secrets_never_leak(
 
     def echo(action: dict[str, Any]) -> dict[str, Any]:
         key = action["parameters"].get("api_key")
-        return {"status": "failure", "error": f"api_key {key} refused", "result": f"key={key}"}
+        # The result is an object holding the key raw, and as JSON text (escaped).
+        result = {"echo": f"key={key}", "json": json.dumps({"key": key}), "n": [1, key]}
+        return {"status": "failure", "error": f"api_key {key} refused", "result": result}
 
     model = FakeChatModel(
         [
@@ -193,12 +196,18 @@ async def test_secrets_never_leak(
     tool_text = model.requests[1].messages[-1]["content"]
     assert "key=***" in tool_text
     assert "api_key *** refused" in tool_text
+    # The step record keeps the result's type (an object), masked in every string.
+    recorded = first["result"]["steps"][0]["results"][0]
+    assert recorded["result"] == {"echo": "key=***", "json": '{"key": "***"}', "n": [1, "***"]}
+    assert recorded["error"] == "api_key *** refused"
     assert second["status"] == "failed"
     assert second["error"].startswith("llm agent: the model server refused the API key (HTTP 401")
     assert all(reply.status_code == 200 for reply in replies)
-    for secret in (LLM_KEY, TOOL_KEY):
+    escaped = [json.dumps(s, ensure_ascii=a)[1:-1] for s in (LLM_KEY, TOOL_KEY) for a in (0, 1)]
+    assert json.dumps(TOOL_KEY)[1:-1] != TOOL_KEY
+    for secret in (LLM_KEY, TOOL_KEY, *escaped):
         for request in model.requests:
-            assert (secret == LLM_KEY) or secret.encode() not in request.body
+            assert (secret in (LLM_KEY, *escaped[:2])) or secret.encode() not in request.body
         assert secret not in first_text
         assert secret not in second_text
         assert all(secret not in reply.text for reply in replies)

@@ -670,6 +670,16 @@ def _same(value: Any, allowed: Any) -> bool:
 # ------------------------------------------------------------------------------ the loop
 
 
+def _secret_forms(secrets: list[str]) -> tuple[str, ...]:
+    """Each secret as given and as it appears inside JSON text (escaped, with and without
+    ``\\uXXXX`` for non-ASCII), longest first so no form is masked only in part."""
+    forms = set(secrets)
+    for secret in secrets:
+        forms.add(json.dumps(secret, ensure_ascii=False)[1:-1])
+        forms.add(json.dumps(secret)[1:-1])
+    return tuple(sorted(forms, key=len, reverse=True))
+
+
 def _cut(text: str, limit: int) -> str:
     data = text.encode()
     if len(data) <= limit:
@@ -711,13 +721,24 @@ class LlmAgent:
     def __init__(self, settings: LlmSettings, model: ChatModel) -> None:
         self.settings = settings
         self.model = model
-        self._secrets = settings.secrets()
+        self._secrets = _secret_forms(settings.secrets())
 
     def _scrub(self, text: str) -> str:
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, _SECRET_MASK)
         return text
+
+    def _scrub_value(self, value: Any) -> Any:
+        """*value* with every form of a secret masked in its strings (keys included); the
+        same type, so a masked result is recorded as what the device sent."""
+        if isinstance(value, str):
+            return self._scrub(value)
+        if isinstance(value, dict):
+            return {self._scrub_value(k): self._scrub_value(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._scrub_value(v) for v in value]
+        return value
 
     def _fail(self, reason: str, outcome: dict[str, Any] | None = None) -> TaskFailed:
         return TaskFailed(PREFIX + self._scrub(reason), outcome)
@@ -816,10 +837,17 @@ class LlmAgent:
         as recorded in the step: the value itself, or its cut text if it had to be cut."""
         limit = self.settings.max_output_bytes
         text = _dumps(value)
-        scrubbed = self._scrub(text)
+        # Masked on the value, not on its JSON text: there a secret holding `"` or `\` is
+        # escaped and would slip through. The quick check on the text finds any of its forms.
+        if any(secret in text for secret in self._secrets):
+            value = self._scrub_value(value)
+            text = _dumps(value)
+            masked = self._scrub(text)  # a value _dumps could only show as str()
+            if masked is not text:
+                value = text = masked
         head = _dumps({"status": status, "error": error and self._scrub(error)})[:-1]
-        content = _cut(f'{head},"result":{scrubbed}}}', limit)
-        cut = _cut(scrubbed, limit)
+        content = _cut(f'{head},"result":{text}}}', limit)
+        cut = _cut(text, limit)
         return content, value if cut is text else cut
 
     async def _call(
