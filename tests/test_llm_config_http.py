@@ -49,8 +49,10 @@ TOOL_KEY = 'planted-tool-"secret"\\9876543210'
         ),
         (["--llm-max-steps", "0"], {}, "expected a positive integer"),
         ([], {"UFO_TRIO_LLM_TEMPERATURE": "9"}, "llm-temperature must be between 0 and 2"),
+        (["--llm-base-url", "http://[::1", "--llm-model", "m"], {}, "llm-base-url is not a valid URL"),
+        (["--llm-base-url", "http://h:99999/v1", "--llm-model", "m"], {}, "llm-base-url has a bad port"),
     ],
-    ids=["llm-no-url", "auto-no-url", "no-model", "bad-scheme", "secret-env-unset", "secret-spec", "steps-0", "temperature"],
+    ids=["llm-no-url", "auto-no-url", "no-model", "bad-scheme", "secret-env-unset", "secret-spec", "steps-0", "temperature", "bad-ipv6", "bad-port"],
 )
 async def test_start_up_errors_exit_2_with_one_line(
     args: list[str], env: dict[str, str], message: str
@@ -60,6 +62,26 @@ async def test_start_up_errors_exit_2_with_one_line(
     one_line(result.stderr)
     assert message in result.stderr.decode()
     assert b"listening" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://[::1", "llm-base-url is not a valid URL (Invalid IPv6 URL)"),
+        ("http://u:pw@h:99999/v1?key=sk-q#f",
+         "llm-base-url has a bad port (not a number in 0-65535): 'http://h/v1'"),
+        ("http://u:pw@h:port/v1?key=sk-q",
+         "llm-base-url has a bad port (not a number in 0-65535): 'http://h/v1'"),
+        ("ftp://u:pw@h:21/v1?key=sk-q", "must be an http:// or https:// URL, got 'ftp://h:21/v1'"),
+    ],
+)
+def test_bad_base_url_is_a_config_error_without_user_info_or_query(url: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        ServerConfig(llm_base_url=url, llm_model="m")
+    text = str(caught.value)
+    assert text.endswith(message)
+    assert "pw" not in text
+    assert "sk-q" not in text
 
 
 def parse(argv: list[str]) -> ServerConfig:

@@ -75,12 +75,37 @@ def _one_of(choices: tuple[str, ...]) -> attrs._ValidatorType[str]:
     return check
 
 
+def shown_url(parts: urllib.parse.SplitResult) -> str:
+    """scheme://host[:port]/path of a URL for messages: no user info, query or fragment
+    (they may hold keys)."""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = host + (f":{port}" if port else "")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 def _http_url(_inst: object, _attribute: attrs.Attribute[Any], value: str | None) -> None:
     if value is None:
         return
-    parts = urllib.parse.urlsplit(value)
+    try:
+        parts = urllib.parse.urlsplit(value)
+    except ValueError as exc:  # e.g. "http://[::1": the message does not echo the URL
+        raise ConfigError(f"llm-base-url is not a valid URL ({exc})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"llm-base-url must be an http:// or https:// URL, got {value!r}")
+        raise ConfigError(
+            f"llm-base-url must be an http:// or https:// URL, got {shown_url(parts)!r}"
+        )
+    try:
+        parts.port  # noqa: B018  (raises on a port that is not a number in 0-65535)
+    except ValueError:
+        raise ConfigError(
+            f"llm-base-url has a bad port (not a number in 0-65535): {shown_url(parts)!r}"
+        ) from None
 
 
 def _temperature(_inst: object, _attribute: attrs.Attribute[Any], value: float) -> None:

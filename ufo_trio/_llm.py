@@ -33,6 +33,7 @@ import trio
 
 from ._agents import Agent, AgentFactory, ScriptAgent, TaskFailed, load_agent_factory
 from ._codec import shown
+from ._config import shown_url
 from ._errors import ConfigError
 from ._messages import Command, Result, ResultStatus, ToolType
 
@@ -91,12 +92,7 @@ class LlmSettings:
     @property
     def shown_endpoint(self) -> str:
         """The endpoint for messages: no user info, query or fragment (they may hold keys)."""
-        parts = urllib.parse.urlsplit(self.endpoint)
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        netloc = host + (f":{parts.port}" if parts.port else "")
-        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        return shown_url(urllib.parse.urlsplit(self.endpoint))
 
     def secrets(self) -> list[str]:
         values = [v for _, v in self.tool_secrets]
