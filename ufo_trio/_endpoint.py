@@ -115,7 +115,7 @@ async def handle_stream(server: Server, stream: trio.abc.Stream) -> None:
                 log_refusal(
                     remote,
                     "registration-timeout",
-                    f"{config.registration_timeout:g}s for the request head",
+                    f"{config.registration_timeout:g}s for the TLS handshake",
                 )
             if tls_stream is None:
                 return

@@ -12,6 +12,7 @@ plain-HTTP request (one line of JSON, `400`) and otherwise runs the TLS handshak
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
 
@@ -39,18 +40,15 @@ def server_context(cert: str, key: str) -> ssl.SSLContext:
     """A server `SSLContext` for the PEM files *cert* (chain) and *key*: TLS 1.2 or newer, the
     `ssl` module's default ciphers. Blocking (reads files). Raises `ConfigError` with one line
     for a missing, unreadable, malformed or mismatched pair."""
+    # Checked one by one first: load_cert_chain's OSError does not say which file it was.
+    _check_file("tls-cert", cert)
+    _check_file("tls-key", key)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     # TLS 1.2 renegotiation started by a client only costs the server CPU: refuse it.
     context.options |= ssl.OP_NO_RENEGOTIATION
     try:
         context.load_cert_chain(cert, key)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"tls: no such file: {exc.filename}") from None
-    except PermissionError as exc:
-        raise ConfigError(f"tls: cannot read {exc.filename}: permission denied") from None
-    except IsADirectoryError as exc:
-        raise ConfigError(f"tls: {exc.filename} is a directory") from None
     except ssl.SSLError as exc:
         raise ConfigError(
             f"tls: cannot use certificate {cert!r} with key {key!r}: {_ssl_reason(exc)}"
@@ -58,6 +56,18 @@ def server_context(cert: str, key: str) -> ssl.SSLContext:
     except OSError as exc:
         raise ConfigError(f"tls: cannot read {cert!r} / {key!r}: {exc.strerror or exc}") from None
     return context
+
+
+def _check_file(flag: str, path: str) -> None:
+    """Raise `ConfigError` naming *path* unless it is a readable file."""
+    if os.path.isdir(path):
+        raise ConfigError(f"tls: {flag} {path!r} is a directory")
+    if not os.path.exists(path):
+        raise ConfigError(f"tls: {flag}: no such file: {path!r}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"tls: {flag} {path!r} is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"tls: {flag}: cannot read {path!r}: permission denied")
 
 
 def _ssl_reason(exc: ssl.SSLError) -> str:
