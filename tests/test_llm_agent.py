@@ -13,11 +13,13 @@ import json
 import logging
 from typing import Any
 
+import httpx
 import pytest
 import trio
 import trio.lowlevel
 import trio.testing
 from llm_helpers import (
+    BASE_URL,
     EXECUTE_COMMAND,
     LINUX_TOOLS,
     descriptor,
@@ -32,7 +34,7 @@ from llm_helpers import (
     tool_messages,
 )
 
-from ufo_trio.testing import FakeChatModel, FakeReply, FakeRequest
+from ufo_trio.testing import FakeChatModel, FakeReply, FakeRequest, open_memory_server
 
 DEVICE_GONE = "Task was cancelled because target device disconnected"
 REQUESTER_GONE = "Task was cancelled because the requesting client disconnected"
@@ -549,3 +551,28 @@ async def test_galaxy_natural_language_task_runs_under_auto_end_to_end(
                 await trio.testing.wait_all_tasks_blocked()
         assert device_frames[1]["actions"][0]["parameters"] == {"command": "df -h /tmp"}
         nursery.cancel_scope.cancel()
+
+
+async def test_an_undecodable_model_answer_fails_the_task_with_one_clear_line(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A gzip-encoded answer that is not gzip (httpx.DecodingError) is an llm agent error in
+    TASK_END, not a raw zlib message, and is not retried (the same answer would come back)."""
+    calls: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(200, headers={"content-encoding": "gzip"}, content=b"not gzip")
+
+    async with open_memory_server(
+        model_transport=httpx.MockTransport(handler), llm_base_url=BASE_URL, llm_model="m"
+    ) as mem, trio.open_nursery() as nursery:
+        dev = await linux_device(mem)
+        nursery.start_soon(run_device, dev)
+        requester = await galaxy(mem)
+        await start_task(requester, "hello")
+        end = await task_end(requester)
+        nursery.cancel_scope.cancel()
+    assert end["status"] == "failed"
+    assert end["error"] == "llm agent: cannot read the model server's answer (DecodingError)"
+    assert len(calls) == 1

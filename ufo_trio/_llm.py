@@ -410,6 +410,11 @@ class OpenAIChatModel:
                 f"({_transport_reason(exc)}); check --llm-base-url and that the server is running",
                 retryable=True,
             ) from None
+        except httpx.HTTPError as exc:  # e.g. DecodingError: a gzip body that is not gzip
+            raise ModelError(
+                f"cannot read the model server's answer ({type(exc).__name__})",
+                retryable=False,
+            ) from None
         status = response.status_code
         if status == 200:
             return parse_reply(bytes(data))
