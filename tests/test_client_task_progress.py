@@ -16,7 +16,7 @@ import trio.testing
 from test_client_fake_server import CONFIRM, fake_server, receive, send
 
 from ufo_trio.client import TaskOutcome, format_outcome
-from ufo_trio.client._cli import _requests, _task_main, add_subcommands
+from ufo_trio.client._cli import _requests, _task_main, add_subcommands, task_input
 from ufo_trio.client._errors import AuthenticationFailed
 from ufo_trio.client._http import ApiUnavailable, get_task
 
@@ -231,7 +231,7 @@ async def test_live_status_line_on_a_terminal(
     args = parse(["task", "--url", url, "--target", "dev-1", "free disk space in /tmp"])
     args.progress_stream, args.progress_isatty, args.progress_fetch = stream, True, fetch
     start = trio.current_time()
-    assert await _task_main(args) == 0
+    assert await _task_main(*task_input(args)) == 0
     ended = trio.current_time() - start
 
     assert seen["task"]["request"] == "free disk space in /tmp"
@@ -278,7 +278,7 @@ async def test_plain_lines_when_not_a_terminal_and_no_task_api(
     args = parse(["task", "--url", url, "--target", "dev-1", "--json", "tidy up"])
     args.progress_stream, args.progress_fetch = stream, fetch  # isatty() says False
     start = trio.current_time()
-    assert await _task_main(args) == 0
+    assert await _task_main(*task_input(args)) == 0
     sid = seen["task"]["session_id"]
     # One line when the server accepted the task, nothing per second over 30 s.
     assert [(t - start, text) for t, text in stream.writes] == [
@@ -300,7 +300,7 @@ async def test_terminal_line_falls_back_to_elapsed_time_and_no_progress_flag(
     stream = Recorder()
     args = parse(["task", "--url", url, "--target", "dev-1", "--task-name", "n", "go"])
     args.progress_stream, args.progress_isatty, args.progress_fetch = stream, True, fetch
-    await _task_main(args)
+    await _task_main(*task_input(args))
     texts = [text for _, text in stream.writes]
     assert texts[-2:] == ["\r1m01s | n: running\x1b[K", "\r\x1b[K"]
     # Start and ACK at 0 s, one redraw per second from 1 to 61 s, then the clearing.
@@ -311,7 +311,7 @@ async def test_terminal_line_falls_back_to_elapsed_time_and_no_progress_flag(
     url = await _scripted_server(nursery, seen, end_after=2)
     args = parse(["task", "--url", url, "--target", "dev-1", "--no-progress", "go"])
     args.progress_stream, args.progress_isatty = quiet, True
-    assert await _task_main(args) == 0
+    assert await _task_main(*task_input(args)) == 0
     assert quiet.writes == []
 
 
@@ -390,7 +390,7 @@ async def test_two_requests_that_time_out_fail_one_line_each(
     args = parse(["task", "--url", url, "--target", "dev1", "--timeout", "1", "--no-progress",
                   '[{"tool_name":"echo"}]', '[{"tool_name":"echo"}]'])
     start = trio.current_time()
-    assert await _task_main(args) == 1
+    assert await _task_main(*task_input(args)) == 1
     assert trio.current_time() - start == 1
     assert len(tasks) == 2
     captured = capsys.readouterr()

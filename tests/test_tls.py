@@ -6,6 +6,7 @@ stalled-handshake cases run over memory streams with the autojump clock (LIM-2 a
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import logging
@@ -519,3 +520,32 @@ async def test_sighup_reloads_the_certificate_for_new_connections(tmp_path: Path
                 await process.wait()
         await process.stdout.aclose()
     assert "Traceback" not in stderr.read_text()
+
+
+def test_default_client_context_is_built_once_and_before_the_cli_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Loading the system trust store blocks: the SDK builds its default context once per
+    process, and the CLI builds it before trio.run, only for a TLS URL."""
+    import ufo_trio.client._tls as client_tls
+    from ufo_trio.client._cli import _ssl_context
+
+    monkeypatch.setattr(client_tls, "_default", None)
+    calls: list[dict[str, Any]] = []
+    real = ssl.create_default_context
+
+    def counting(**kwargs: Any) -> ssl.SSLContext:
+        calls.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(ssl, "create_default_context", counting)
+    monkeypatch.delenv("UFO_TRIO_CA", raising=False)
+    first = client_tls.default_context()
+    assert client_tls.default_context() is first
+    assert len(calls) == 1
+    parser = argparse.ArgumentParser()
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    for url, expected in (("wss://h/ws", first), ("ws://h/ws", None)):
+        args = parser.parse_args(["task", "--target", "d", "--url", url, "[]"])
+        assert _ssl_context(args, "task") is expected
+    assert len(calls) == 1

@@ -353,7 +353,11 @@ class OpenAIChatModel:
         )
         # Deadlines come from trio scopes in the agent (MockClock drives them), not from httpx.
         # The environment's HTTPS_PROXY / NO_PROXY / SSL_CERT_FILE apply, as for any httpx client.
-        self._client = httpx.AsyncClient(transport=self._transport, limits=limits, timeout=None)
+        # Loading the CA bundle blocks (tens of ms): in a thread, not on the event loop.
+        verify = await trio.to_thread.run_sync(httpx.create_ssl_context)
+        self._client = httpx.AsyncClient(
+            transport=self._transport, limits=limits, timeout=None, verify=verify
+        )
         # One model call goes straight to the pooled transport the client chose for the
         # endpoint (proxy or direct, per HTTPS_PROXY / NO_PROXY): the client's per-request
         # work (URL merging, cookies, auth and redirect handling) is CPU the agent pays on
