@@ -65,6 +65,8 @@ LIST_TOOLS: Final = Command(
 _NAME_OK: Final = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _NAME_BAD_CHARS: Final = re.compile(r"[^a-zA-Z0-9_-]")
 _SECRET_MASK: Final = "***"
+#: OpenAI's limit on `tools` per request; `task_failed` takes one of them.
+MAX_FUNCTIONS: Final = 128
 
 
 # ------------------------------------------------------------------------------ settings
@@ -488,12 +490,17 @@ class Toolbox:
         self.tools: dict[str, _Tool] = {}
         #: Built once per session; its JSON text is encoded once too (`EncodedList`).
         self.functions: EncodedList = EncodedList()
+        #: tool_name of each usable descriptor past the MAX_FUNCTIONS cap (not offered).
+        self.dropped: list[str] = []
         taken = {TASK_FAILED}
         for raw in descriptors if type(descriptors) is list else []:
             if type(raw) is not dict:
                 continue
             tool_name = raw.get("tool_name")
             if type(tool_name) is not str or not tool_name:
+                continue
+            if len(self.tools) >= MAX_FUNCTIONS - 1:
+                self.dropped.append(tool_name)
                 continue
             try:
                 tool_type = ToolType(raw.get("tool_type") or "action")
@@ -764,6 +771,19 @@ class LlmAgent:
                 "descriptors); register tools on the device"
             )
         log.info("session %s: llm agent: %d tool(s) on the device", sid, len(toolbox.tools))
+        if toolbox.dropped:
+            names = ", ".join(shown(n, 40) for n in toolbox.dropped[:10])
+            more = f" and {len(toolbox.dropped) - 10} more" if len(toolbox.dropped) > 10 else ""
+            log.warning(
+                "session %s: llm agent: device %s advertises %d tools, more than the model API "
+                "takes (%d functions with task_failed); not offered: %s%s",
+                sid,
+                shown(ctx.executor_id),
+                len(toolbox.tools) + len(toolbox.dropped),
+                MAX_FUNCTIONS,
+                names,
+                more,
+            )
         info = ctx.system_info
         messages = EncodedList(
             [
@@ -822,7 +842,14 @@ class LlmAgent:
             if isinstance(item, Command):
                 result: Result = next(results)
                 hidden = {p for p, _ in toolbox.tools[call.name].secrets}
-                parameters = {k: v for k, v in (item.parameters or {}).items() if k not in hidden}
+                parameters: Any = {
+                    k: v for k, v in (item.parameters or {}).items() if k not in hidden
+                }
+                limit = self.settings.max_output_bytes
+                if len(call.arguments) * 4 > limit:  # may be over the limit in UTF-8
+                    cut = _cut(call.arguments, limit)
+                    if cut is not call.arguments:  # recorded as the model wrote it, cut
+                        parameters = self._scrub(cut)
                 record_calls.append(
                     {"id": call.id, "tool_name": item.tool_name, "parameters": parameters}
                 )
