@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 import trio
+import trio.testing
 from llm_helpers import EXECUTE_COMMAND, SYSTEM_INFO, descriptor, run_device
 from test_cli import clean_env, one_line, run_to_exit
 
@@ -331,3 +332,26 @@ async def test_model_calls_honour_the_proxy_environment(monkeypatch: pytest.Monk
         assert direct.requests[0].path == "/v1/chat/completions"
         assert "authorization" not in direct.requests[0].headers
         assert len(proxy.requests) == 1
+
+
+async def test_fake_model_start_failure_closes_its_listener_at_once(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    """FakeChatModel.__aenter__ failing after its listener started: the listener is cancelled
+    and the error comes out at once (before, closing the nursery waited for it forever)."""
+    listener_done = trio.Event()
+
+    async def serve_tcp(*_args: Any, task_status: Any, **_kwargs: Any) -> None:
+        try:
+            task_status.started([object()])  # no .socket: __aenter__ fails after the start
+            await trio.sleep_forever()
+        finally:
+            listener_done.set()
+
+    monkeypatch.setattr(trio, "serve_tcp", serve_tcp)
+    start = trio.current_time()
+    with trio.fail_after(5), pytest.raises(AttributeError):
+        async with FakeChatModel(["x"]):
+            pass
+    assert listener_done.is_set()
+    assert trio.current_time() == start
