@@ -15,25 +15,23 @@ import logging
 import os
 import socket
 import ssl
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
 
 from ._errors import ConfigError
-from ._limits import linger
+from ._http import HttpConnection, error_reply
+
+if TYPE_CHECKING:
+    from ._config import ServerConfig
 
 log = logging.getLogger("ufo_trio")
 
 #: The first byte of every TLS record that opens a handshake (content type 22).
 _TLS_HANDSHAKE = 0x16
-_REFUSAL_BODY = b'{"detail":"This port speaks TLS: use wss:// or https:// URLs"}'
 #: What a plain-text request on the TLS port gets: one response, then the connection closes.
-PLAIN_REFUSAL = (
-    b"HTTP/1.1 400 Bad Request\r\n"
-    b"content-type: application/json\r\n"
-    b"content-length: " + str(len(_REFUSAL_BODY)).encode() + b"\r\n"
-    b"connection: close\r\n\r\n" + _REFUSAL_BODY
-)
+PLAIN_REFUSAL = error_reply(400, "This port speaks TLS: use wss:// or https:// URLs", close=True)
 
 
 def server_context(cert: str, key: str) -> ssl.SSLContext:
@@ -110,7 +108,7 @@ async def load_tls(cert: str, key: str) -> ServerTLS:
 
 
 async def accept_tls(
-    stream: trio.abc.Stream, context: ssl.SSLContext, remote: str
+    stream: trio.abc.Stream, context: ssl.SSLContext, remote: str, config: ServerConfig
 ) -> trio.SSLStream[trio.abc.Stream] | None:
     """Run the server side of the TLS handshake on *stream*; None if it failed.
 
@@ -128,8 +126,8 @@ async def accept_tls(
             return None
         if first[0] != _TLS_HANDSHAKE:
             log.info("%s: plain-text request on the TLS port refused (400)", remote)
-            await stream.send_all(PLAIN_REFUSAL)
-            await linger(stream)  # so the peer reads the answer instead of a reset
+            # Lingers after the answer, so the peer reads it instead of a reset.
+            await HttpConnection(stream, remote, config).refuse_connection(PLAIN_REFUSAL)
             return None
     # https_compatible: clients often close without a TLS close_notify; the WebSocket and HTTP
     # layers above frame their own messages, so a bare EOF is an ordinary end.
