@@ -355,3 +355,51 @@ async def test_fake_model_start_failure_closes_its_listener_at_once(
             pass
     assert listener_done.is_set()
     assert trio.current_time() == start
+
+
+@pytest.mark.parametrize(
+    ("base_url", "key", "warned"),
+    [
+        ("http://10.0.0.5:8000/v1", LLM_KEY, True),
+        ("http://models.example/v1?x=1", LLM_KEY, True),
+        ("http://127.0.0.1:11434/v1", LLM_KEY, False),
+        ("http://localhost:11434/v1", LLM_KEY, False),
+        ("https://models.example/v1", LLM_KEY, False),
+        ("http://10.0.0.5:8000/v1", None, False),
+    ],
+)
+def test_start_warns_when_the_llm_key_would_travel_in_clear_text(
+    base_url: str, key: str | None, warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ufo_trio._llm import build_agent
+
+    caplog.set_level(logging.WARNING, logger="ufo_trio")
+    build_agent(ServerConfig(llm_base_url=base_url, llm_model="m", llm_api_key=key))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if warned:
+        shown = base_url.split("?")[0]
+        assert warnings == [
+            f"the LLM API key is sent in clear text to {shown} (plain http:// to another "
+            "host); use an https:// --llm-base-url"
+        ]
+    else:
+        assert warnings == []
+
+
+async def test_serve_builds_the_agent_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ufo_trio._server as server_module
+    from ufo_trio import serve
+
+    calls: list[ServerConfig] = []
+    real = server_module.build_agent
+
+    def counting(config: ServerConfig, **kwargs: Any) -> Any:
+        calls.append(config)
+        return real(config, **kwargs)
+
+    monkeypatch.setattr(server_module, "build_agent", counting)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(WAIT):
+            await nursery.start(serve, ServerConfig(host="127.0.0.1", port=0, api_key="k"))
+        nursery.cancel_scope.cancel()
+    assert len(calls) == 1

@@ -33,8 +33,9 @@ import trio
 
 from ._agents import Agent, AgentFactory, ScriptAgent, TaskFailed, load_agent_factory
 from ._codec import shown
-from ._config import shown_url
+from ._config import LLM_AGENTS, parse_tool_secret, shown_url
 from ._errors import ConfigError
+from ._http import is_loopback_host
 from ._messages import Command, Result, ResultStatus, ToolType
 
 if TYPE_CHECKING:
@@ -62,7 +63,6 @@ TASK_FAILED: Final = "task_failed"
 LIST_TOOLS: Final = Command(
     tool_name="list_tools", tool_type=ToolType.ACTION, parameters={"tool_type": "action"}
 )
-_NAME_OK: Final = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _NAME_BAD_CHARS: Final = re.compile(r"[^a-zA-Z0-9_-]")
 _SECRET_MASK: Final = "***"
 #: OpenAI's limit on `tools` per request; `task_failed` takes one of them.
@@ -103,15 +103,6 @@ class LlmSettings:
         return [v for v in values if v]
 
 
-def parse_tool_secret(spec: str) -> tuple[str, str]:
-    """`PARAM=ENV_VAR` → (PARAM, ENV_VAR); raises `ConfigError` with one line."""
-    param, sep, env_var = spec.partition("=")
-    param, env_var = param.strip(), env_var.strip()
-    if not sep or not param or not env_var:
-        raise ConfigError(f"tool-secret must be PARAM=ENV_VAR, got {spec!r}")
-    return param, env_var
-
-
 def resolve_tool_secrets(specs: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     """Read each `--tool-secret` value from its environment variable (start-up, exit 2 if unset)."""
     resolved = []
@@ -127,8 +118,9 @@ def resolve_tool_secrets(specs: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
 
 
 def settings_from_config(config: ServerConfig) -> LlmSettings:
-    if not config.llm_base_url or not config.llm_model:
-        raise ConfigError("the llm agent needs --llm-base-url and --llm-model")
+    # ServerConfig refuses llm/auto without both (one-line ConfigError at start).
+    assert config.llm_base_url is not None
+    assert config.llm_model is not None
     return LlmSettings(
         base_url=config.llm_base_url,
         model=config.llm_model,
@@ -972,8 +964,6 @@ class LlmAgentFactory:
         return AutoAgent(agent) if self.auto else agent
 
 
-LLM_AGENTS: Final = ("llm", "auto")
-
 
 def build_agent(
     config: ServerConfig, *, model_transport: httpx.AsyncBaseTransport | None = None
@@ -986,5 +976,12 @@ def build_agent(
     if spec not in LLM_AGENTS:
         return load_agent_factory(spec), None
     settings = settings_from_config(config)
+    parts = urllib.parse.urlsplit(settings.base_url)
+    if settings.api_key and parts.scheme == "http" and not is_loopback_host(parts.hostname or ""):
+        log.warning(
+            "the LLM API key is sent in clear text to %s (plain http:// to another host); "
+            "use an https:// --llm-base-url",
+            shown_url(parts),
+        )
     model = OpenAIChatModel(settings, transport=model_transport)
     return LlmAgentFactory(settings, model, auto=spec == "auto"), model
