@@ -863,7 +863,7 @@ class LlmAgent:
         text = _dumps(value)
         # Masked on the value, not on its JSON text: there a secret holding `"` or `\` is
         # escaped and would slip through. The quick check on the text finds any of its forms.
-        if any(secret in text for secret in self._secrets):
+        if self._secrets and any(secret in text for secret in self._secrets):
             value = self._scrub_value(value)
             text = _dumps(value)
             masked = self._scrub(text)  # a value _dumps could only show as str()
