@@ -84,10 +84,16 @@ class Closed(Exception):
 class Conn:
     """One client WebSocket on a raw Trio socket."""
 
-    __slots__ = ("_pending", "_sock", "parser")
+    __slots__ = ("_pending", "_receive", "_sock", "parser")
 
-    def __init__(self, sock: trio.socket.SocketType) -> None:
+    def __init__(
+        self,
+        sock: trio.socket.SocketType,
+        receive: Callable[[int], Awaitable[Any]] | None = None,
+    ) -> None:
         self._sock = sock
+        #: Bound once: the socket's recv, or the TLS stream's receive_some (`TlsConn`).
+        self._receive = receive or sock.recv
         self.parser = FrameParser()
         self._pending: collections.deque[tuple[int, bytes]] = collections.deque()
 
@@ -98,23 +104,27 @@ class Conn:
             # Small request/response frames: never wait for Nagle.
             sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
             await sock.connect((host, port))
-            request, accept = handshake_request(host, port, target)
             conn = cls(sock)
-            await conn.send(request)
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                data = await sock.recv(4096)
-                if not data:
-                    raise Closed("closed during handshake")
-                buf += data
-            head, _, rest = buf.partition(b"\r\n\r\n")
-            check_handshake_response(head, accept)
-            if rest:
-                conn._pending.extend(conn.parser.feed(rest))
+            await conn._upgrade(host, port, target)
         except BaseException:
             sock.close()
             raise
         return conn
+
+    async def _upgrade(self, host: str, port: int, target: str) -> None:
+        """The WebSocket opening handshake; frames that came with the response are kept."""
+        request, accept = handshake_request(host, port, target)
+        await self.send(request)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            data = await self._receive(4096)
+            if not data:
+                raise Closed("closed during handshake")
+            buf += data
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        check_handshake_response(head, accept)
+        if rest:
+            self._pending.extend(self.parser.feed(rest))
 
     async def send(self, data: bytes) -> None:
         sent = await self._sock.send(data)
@@ -138,7 +148,10 @@ class Conn:
                 elif opcode == OP_CLOSE:
                     code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
                     raise Closed(f"close {code} {payload[2:].decode(errors='replace')}")
-            data = await self._sock.recv(RECV_SIZE)
+            try:  # free unless raised; only a TLS stream raises it (a socket raises OSError)
+                data = await self._receive(RECV_SIZE)
+            except trio.BrokenResourceError as exc:
+                raise Closed(f"TLS stream broken: {exc}") from None
             if not data:
                 raise Closed("EOF")
             pending.extend(self.parser.feed(data))
@@ -167,7 +180,7 @@ class TlsConn(Conn):
     __slots__ = ("_stream",)
 
     def __init__(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
-        super().__init__(stream.transport_stream.socket)
+        super().__init__(stream.transport_stream.socket, stream.receive_some)
         self._stream = stream
 
     @classmethod
@@ -179,18 +192,7 @@ class TlsConn(Conn):
         try:
             await stream.do_handshake()
             conn = cls(stream)
-            request, accept = handshake_request(host, port, target)
-            await conn.send(request)
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                data = await stream.receive_some(4096)
-                if not data:
-                    raise Closed("closed during handshake")
-                buf += data
-            head, _, rest = buf.partition(b"\r\n\r\n")
-            check_handshake_response(head, accept)
-            if rest:
-                conn._pending.extend(conn.parser.feed(rest))
+            await conn._upgrade(host, port, target)
         except trio.BrokenResourceError as exc:
             tcp.socket.close()
             raise Closed(f"TLS handshake failed: {exc.__cause__ or exc}") from None
@@ -204,26 +206,6 @@ class TlsConn(Conn):
             await self._stream.send_all(data)
         except trio.BrokenResourceError as exc:
             raise Closed(f"TLS stream broken: {exc}") from None
-
-    async def recv(self) -> bytes:
-        pending = self._pending
-        while True:
-            while pending:
-                opcode, payload = pending.popleft()
-                if opcode == OP_TEXT or opcode == OP_BINARY:
-                    return payload
-                if opcode == OP_PING:
-                    await self.send(encode_frame(OP_PONG, payload))
-                elif opcode == OP_CLOSE:
-                    code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
-                    raise Closed(f"close {code} {payload[2:].decode(errors='replace')}")
-            try:
-                data = await self._stream.receive_some(RECV_SIZE)
-            except trio.BrokenResourceError as exc:
-                raise Closed(f"TLS stream broken: {exc}") from None
-            if not data:
-                raise Closed("EOF")
-            pending.extend(self.parser.feed(data))
 
 
 def sniff_type(frame: bytes) -> str | None:

@@ -71,7 +71,7 @@ def test_subcommands_and_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         (["task", "--target", "d", "[[{"], "ufo_trio task: error: bad plan: plan is not valid JSON"),
         (["task", "--target", "d", "{}"], "ufo_trio task: error: bad plan: 'steps' must be a list"),
         (["task", "--target", "d", "@/nonexistent/plan.json"],
-         "ufo_trio task: error: bad plan: cannot read plan file '/nonexistent/plan.json'"),
+         "ufo_trio task: error: cannot read request file '/nonexistent/plan.json'"),
         (["task", "--target", "d", "--url", "http://x/ws", "[]"],
          "ufo_trio task: error: server URL must start with ws:// or wss://"),
         (["device", "--id", "d", "--root", "/nonexistent-dir"],

@@ -16,7 +16,7 @@ import trio.testing
 from test_client_fake_server import CONFIRM, fake_server, receive, send
 
 from ufo_trio.client import TaskOutcome, format_outcome
-from ufo_trio.client._cli import _requests, _task_main, add_subcommands
+from ufo_trio.client._cli import _requests, _task_main, add_subcommands, task_input
 from ufo_trio.client._errors import AuthenticationFailed
 from ufo_trio.client._http import ApiUnavailable, get_task
 
@@ -231,7 +231,7 @@ async def test_live_status_line_on_a_terminal(
     args = parse(["task", "--url", url, "--target", "dev-1", "free disk space in /tmp"])
     args.progress_stream, args.progress_isatty, args.progress_fetch = stream, True, fetch
     start = trio.current_time()
-    assert await _task_main(args) == 0
+    assert await _task_main(*task_input(args)) == 0
     ended = trio.current_time() - start
 
     assert seen["task"]["request"] == "free disk space in /tmp"
@@ -278,7 +278,7 @@ async def test_plain_lines_when_not_a_terminal_and_no_task_api(
     args = parse(["task", "--url", url, "--target", "dev-1", "--json", "tidy up"])
     args.progress_stream, args.progress_fetch = stream, fetch  # isatty() says False
     start = trio.current_time()
-    assert await _task_main(args) == 0
+    assert await _task_main(*task_input(args)) == 0
     sid = seen["task"]["session_id"]
     # One line when the server accepted the task, nothing per second over 30 s.
     assert [(t - start, text) for t, text in stream.writes] == [
@@ -300,7 +300,7 @@ async def test_terminal_line_falls_back_to_elapsed_time_and_no_progress_flag(
     stream = Recorder()
     args = parse(["task", "--url", url, "--target", "dev-1", "--task-name", "n", "go"])
     args.progress_stream, args.progress_isatty, args.progress_fetch = stream, True, fetch
-    await _task_main(args)
+    await _task_main(*task_input(args))
     texts = [text for _, text in stream.writes]
     assert texts[-2:] == ["\r1m01s | n: running\x1b[K", "\r\x1b[K"]
     # Start and ACK at 0 s, one redraw per second from 1 to 61 s, then the clearing.
@@ -311,7 +311,7 @@ async def test_terminal_line_falls_back_to_elapsed_time_and_no_progress_flag(
     url = await _scripted_server(nursery, seen, end_after=2)
     args = parse(["task", "--url", url, "--target", "dev-1", "--no-progress", "go"])
     args.progress_stream, args.progress_isatty = quiet, True
-    assert await _task_main(args) == 0
+    assert await _task_main(*task_input(args)) == 0
     assert quiet.writes == []
 
 
@@ -365,3 +365,39 @@ async def test_text_request_reaches_the_server_verbatim(
     record = server.sessions.results.by_task_name("words")
     assert record is not None
     assert record.session_id in captured.out
+
+
+async def test_two_requests_that_time_out_fail_one_line_each(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A device that never answers: the server ACKs each task and never sends its TASK_END.
+    # Each request hits --timeout on its own: one error line each, no traceback, exit 1
+    # (docs/cli.md: 0 only if every task completed), and neither cancels the other.
+    tasks: list[dict[str, Any]] = []
+
+    async def handler(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        await receive(ws)
+        await send(ws, CONFIRM)
+        while True:
+            task = await receive(ws)
+            tasks.append(task)
+            await send(ws, {"type": "heartbeat", "status": "ok",
+                            "session_id": task["session_id"], "response_id": task["request_id"]})
+
+    url = await fake_server(nursery, handler)
+    args = parse(["task", "--url", url, "--target", "dev1", "--timeout", "1", "--no-progress",
+                  '[{"tool_name":"echo"}]', '[{"tool_name":"echo"}]'])
+    start = trio.current_time()
+    assert await _task_main(*task_input(args)) == 1
+    assert trio.current_time() - start == 1
+    assert len(tasks) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert sorted(lines) == sorted(
+        f"ufo_trio task: error: task {t['session_id']} on 'dev1' did not end within 1 s "
+        "(it may still be running on the server)"
+        for t in tasks
+    ), lines

@@ -13,11 +13,13 @@ import json
 import logging
 from typing import Any
 
+import httpx
 import pytest
 import trio
 import trio.lowlevel
 import trio.testing
 from llm_helpers import (
+    BASE_URL,
     EXECUTE_COMMAND,
     LINUX_TOOLS,
     descriptor,
@@ -32,7 +34,7 @@ from llm_helpers import (
     tool_messages,
 )
 
-from ufo_trio.testing import FakeChatModel, FakeReply, FakeRequest
+from ufo_trio.testing import FakeChatModel, FakeReply, FakeRequest, open_memory_server
 
 DEVICE_GONE = "Task was cancelled because target device disconnected"
 REQUESTER_GONE = "Task was cancelled because the requesting client disconnected"
@@ -549,3 +551,65 @@ async def test_galaxy_natural_language_task_runs_under_auto_end_to_end(
                 await trio.testing.wait_all_tasks_blocked()
         assert device_frames[1]["actions"][0]["parameters"] == {"command": "df -h /tmp"}
         nursery.cancel_scope.cancel()
+
+
+async def test_an_undecodable_model_answer_fails_the_task_with_one_clear_line(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A gzip-encoded answer that is not gzip (httpx.DecodingError) is an llm agent error in
+    TASK_END, not a raw zlib message, and is not retried (the same answer would come back)."""
+    calls: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(200, headers={"content-encoding": "gzip"}, content=b"not gzip")
+
+    async with open_memory_server(
+        model_transport=httpx.MockTransport(handler), llm_base_url=BASE_URL, llm_model="m"
+    ) as mem, trio.open_nursery() as nursery:
+        dev = await linux_device(mem)
+        nursery.start_soon(run_device, dev)
+        requester = await galaxy(mem)
+        await start_task(requester, "hello")
+        end = await task_end(requester)
+        nursery.cancel_scope.cancel()
+    assert end["status"] == "failed"
+    assert end["error"] == "llm agent: cannot read the model server's answer (DecodingError)"
+    assert len(calls) == 1
+
+
+async def test_more_tools_than_the_model_api_takes_are_cut_to_128_functions(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """OpenAI takes at most 128 functions: a device advertising 130 tools offers the first 127
+    plus task_failed, and one warning per session names what was left out."""
+    caplog.set_level(logging.INFO, logger="ufo_trio")
+    tools = [descriptor(f"tool_{i}") for i in range(130)]
+    model = FakeChatModel(["done"])
+    end = await run_task(model, tools=tools)
+    assert end["status"] == "completed", end
+    offered = [f["function"]["name"] for f in model.requests[0].tools]
+    assert offered == [f"tool_{i}" for i in range(127)] + ["task_failed"]
+    warnings = [r.getMessage() for r in caplog.records if "not offered" in r.getMessage()]
+    assert warnings == [
+        "session 's-1': llm agent: device 'dev-1' advertises 130 tools, more than the model API "
+        "takes (128 functions with task_failed); not offered: 'tool_127', 'tool_128', 'tool_129'"
+    ]
+
+
+async def test_long_model_arguments_are_recorded_cut(autojump_clock: trio.testing.MockClock) -> None:
+    """The step record holds the model's arguments as parameters, or, when their text is
+    longer than --llm-max-output-bytes, that text cut (the device still gets them whole)."""
+    long = "x" * 500
+    model = FakeChatModel(
+        [FakeReply.calls(("execute_command", {"command": long}),
+                         ("execute_command", {"command": "ls"})), "done"]
+    )
+    commands: list[dict[str, Any]] = []
+    end = await run_task(model, commands=commands, llm_max_output_bytes=100)
+    assert end["status"] == "completed", end
+    assert commands[1]["actions"][0]["parameters"] == {"command": long}
+    [step] = end["result"]["steps"]
+    text = json.dumps({"command": long})
+    assert step["tool_calls"][0]["parameters"] == f"{text[:100]}…[cut {len(text) - 100} bytes]"
+    assert step["tool_calls"][1]["parameters"] == {"command": "ls"}

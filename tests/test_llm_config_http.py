@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 import trio
+import trio.testing
 from llm_helpers import EXECUTE_COMMAND, SYSTEM_INFO, descriptor, run_device
 from test_cli import clean_env, one_line, run_to_exit
 
@@ -23,7 +24,8 @@ if TYPE_CHECKING:
 
 WAIT = 30.0
 LLM_KEY = "sk-planted-llm-key-0123456789"
-TOOL_KEY = "planted-tool-secret-9876543210"
+# `"` and `\` are escaped in JSON text: masking must find the secret in that form too.
+TOOL_KEY = 'planted-tool-"secret"\\9876543210'
 
 
 # ------------------------------------------------------------------------------ configuration
@@ -48,8 +50,10 @@ TOOL_KEY = "planted-tool-secret-9876543210"
         ),
         (["--llm-max-steps", "0"], {}, "expected a positive integer"),
         ([], {"UFO_TRIO_LLM_TEMPERATURE": "9"}, "llm-temperature must be between 0 and 2"),
+        (["--llm-base-url", "http://[::1", "--llm-model", "m"], {}, "llm-base-url is not a valid URL"),
+        (["--llm-base-url", "http://h:99999/v1", "--llm-model", "m"], {}, "llm-base-url has a bad port"),
     ],
-    ids=["llm-no-url", "auto-no-url", "no-model", "bad-scheme", "secret-env-unset", "secret-spec", "steps-0", "temperature"],
+    ids=["llm-no-url", "auto-no-url", "no-model", "bad-scheme", "secret-env-unset", "secret-spec", "steps-0", "temperature", "bad-ipv6", "bad-port"],
 )
 async def test_start_up_errors_exit_2_with_one_line(
     args: list[str], env: dict[str, str], message: str
@@ -59,6 +63,26 @@ async def test_start_up_errors_exit_2_with_one_line(
     one_line(result.stderr)
     assert message in result.stderr.decode()
     assert b"listening" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://[::1", "llm-base-url is not a valid URL (Invalid IPv6 URL)"),
+        ("http://u:pw@h:99999/v1?key=sk-q#f",
+         "llm-base-url has a bad port (not a number in 0-65535): 'http://h/v1'"),
+        ("http://u:pw@h:port/v1?key=sk-q",
+         "llm-base-url has a bad port (not a number in 0-65535): 'http://h/v1'"),
+        ("ftp://u:pw@h:21/v1?key=sk-q", "must be an http:// or https:// URL, got 'ftp://h:21/v1'"),
+    ],
+)
+def test_bad_base_url_is_a_config_error_without_user_info_or_query(url: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        ServerConfig(llm_base_url=url, llm_model="m")
+    text = str(caught.value)
+    assert text.endswith(message)
+    assert "pw" not in text
+    assert "sk-q" not in text
 
 
 def parse(argv: list[str]) -> ServerConfig:
@@ -152,7 +176,9 @@ async def test_secrets_never_leak(
 
     def echo(action: dict[str, Any]) -> dict[str, Any]:
         key = action["parameters"].get("api_key")
-        return {"status": "failure", "error": f"api_key {key} refused", "result": f"key={key}"}
+        # The result is an object holding the key raw, and as JSON text (escaped).
+        result = {"echo": f"key={key}", "json": json.dumps({"key": key}), "n": [1, key]}
+        return {"status": "failure", "error": f"api_key {key} refused", "result": result}
 
     model = FakeChatModel(
         [
@@ -193,12 +219,18 @@ async def test_secrets_never_leak(
     tool_text = model.requests[1].messages[-1]["content"]
     assert "key=***" in tool_text
     assert "api_key *** refused" in tool_text
+    # The step record keeps the result's type (an object), masked in every string.
+    recorded = first["result"]["steps"][0]["results"][0]
+    assert recorded["result"] == {"echo": "key=***", "json": '{"key": "***"}', "n": [1, "***"]}
+    assert recorded["error"] == "api_key *** refused"
     assert second["status"] == "failed"
     assert second["error"].startswith("llm agent: the model server refused the API key (HTTP 401")
     assert all(reply.status_code == 200 for reply in replies)
-    for secret in (LLM_KEY, TOOL_KEY):
+    escaped = [json.dumps(s, ensure_ascii=a)[1:-1] for s in (LLM_KEY, TOOL_KEY) for a in (0, 1)]
+    assert json.dumps(TOOL_KEY)[1:-1] != TOOL_KEY
+    for secret in (LLM_KEY, TOOL_KEY, *escaped):
         for request in model.requests:
-            assert (secret == LLM_KEY) or secret.encode() not in request.body
+            assert (secret in (LLM_KEY, *escaped[:2])) or secret.encode() not in request.body
         assert secret not in first_text
         assert secret not in second_text
         assert all(secret not in reply.text for reply in replies)
@@ -300,3 +332,74 @@ async def test_model_calls_honour_the_proxy_environment(monkeypatch: pytest.Monk
         assert direct.requests[0].path == "/v1/chat/completions"
         assert "authorization" not in direct.requests[0].headers
         assert len(proxy.requests) == 1
+
+
+async def test_fake_model_start_failure_closes_its_listener_at_once(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    """FakeChatModel.__aenter__ failing after its listener started: the listener is cancelled
+    and the error comes out at once (before, closing the nursery waited for it forever)."""
+    listener_done = trio.Event()
+
+    async def serve_tcp(*_args: Any, task_status: Any, **_kwargs: Any) -> None:
+        try:
+            task_status.started([object()])  # no .socket: __aenter__ fails after the start
+            await trio.sleep_forever()
+        finally:
+            listener_done.set()
+
+    monkeypatch.setattr(trio, "serve_tcp", serve_tcp)
+    start = trio.current_time()
+    with trio.fail_after(5), pytest.raises(AttributeError):
+        async with FakeChatModel(["x"]):
+            pass
+    assert listener_done.is_set()
+    assert trio.current_time() == start
+
+
+@pytest.mark.parametrize(
+    ("base_url", "key", "warned"),
+    [
+        ("http://10.0.0.5:8000/v1", LLM_KEY, True),
+        ("http://models.example/v1?x=1", LLM_KEY, True),
+        ("http://127.0.0.1:11434/v1", LLM_KEY, False),
+        ("http://localhost:11434/v1", LLM_KEY, False),
+        ("https://models.example/v1", LLM_KEY, False),
+        ("http://10.0.0.5:8000/v1", None, False),
+    ],
+)
+def test_start_warns_when_the_llm_key_would_travel_in_clear_text(
+    base_url: str, key: str | None, warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ufo_trio._llm import build_agent
+
+    caplog.set_level(logging.WARNING, logger="ufo_trio")
+    build_agent(ServerConfig(llm_base_url=base_url, llm_model="m", llm_api_key=key))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if warned:
+        shown = base_url.split("?")[0]
+        assert warnings == [
+            f"the LLM API key is sent in clear text to {shown} (plain http:// to another "
+            "host); use an https:// --llm-base-url"
+        ]
+    else:
+        assert warnings == []
+
+
+async def test_serve_builds_the_agent_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ufo_trio._server as server_module
+    from ufo_trio import serve
+
+    calls: list[ServerConfig] = []
+    real = server_module.build_agent
+
+    def counting(config: ServerConfig, **kwargs: Any) -> Any:
+        calls.append(config)
+        return real(config, **kwargs)
+
+    monkeypatch.setattr(server_module, "build_agent", counting)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(WAIT):
+            await nursery.start(serve, ServerConfig(host="127.0.0.1", port=0, api_key="k"))
+        nursery.cancel_scope.cancel()
+    assert len(calls) == 1

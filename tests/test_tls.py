@@ -6,6 +6,7 @@ stalled-handshake cases run over memory streams with the autojump clock (LIM-2 a
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import logging
@@ -23,7 +24,7 @@ import trustme
 from cryptography import x509
 
 from ufo_trio import ConfigError, ServerConfig
-from ufo_trio._tls import server_context
+from ufo_trio._tls import load_tls, server_context
 from ufo_trio.client import (
     Command,
     ConnectFailed,
@@ -318,7 +319,10 @@ async def test_stalled_tls_handshake_is_dropped_at_the_lim2_deadline(
         assert trio.current_time() - start == 7.0
         await trio.testing.wait_all_tasks_blocked()
         assert mem.connection_tasks() == 0
-    assert any("limit registration-timeout reached" in r.message for r in caplog.records)
+    assert any(
+        "limit registration-timeout reached (7s for the TLS handshake)" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 # ------------------------------------------------------------------------------- config
@@ -338,8 +342,31 @@ def test_server_context_is_tls12_or_newer(pair: Pair, tmp_path: Path) -> None:
     other = make_pair(tmp_path, "other")
     with pytest.raises(ConfigError, match="the key does not belong to the certificate"):
         server_context(str(pair.cert), str(other.key))
-    with pytest.raises(ConfigError, match="no such file"):
-        server_context(str(tmp_path / "missing.pem"), str(pair.key))
+    missing = str(tmp_path / "missing.pem")
+    with pytest.raises(ConfigError) as caught:
+        server_context(missing, str(pair.key))
+    assert str(caught.value) == f"tls: tls-cert: no such file: {missing!r}"
+    with pytest.raises(ConfigError) as caught:
+        server_context(str(pair.cert), missing)
+    assert str(caught.value) == f"tls: tls-key: no such file: {missing!r}"
+    with pytest.raises(ConfigError) as caught:
+        server_context(str(pair.cert), str(tmp_path))
+    assert str(caught.value) == f"tls: tls-key {str(tmp_path)!r} is a directory"
+
+
+async def test_failed_reload_names_the_file(
+    pair: Pair, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ufo_trio")
+    tls = await load_tls(str(pair.cert), str(pair.key))
+    before = tls.context
+    tls.key = str(tmp_path / "gone.pem")
+    assert not await tls.reload()
+    assert tls.context is before
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
+        "TLS reload failed, keeping the previous certificate: "
+        f"tls: tls-key: no such file: {tls.key!r}"
+    ]
 
 
 def serve_cmd(*args: str) -> list[str]:
@@ -371,7 +398,10 @@ async def test_bad_tls_flags_exit_2_with_one_line(pair: Pair, tmp_path: Path) ->
     other = make_pair(tmp_path, "other")
     cases = {
         ("--tls-cert", str(pair.cert)): "tls-cert and tls-key must be given together",
-        ("--tls-cert", str(tmp_path / "nope.pem"), "--tls-key", str(pair.key)): "no such file",
+        ("--tls-cert", str(tmp_path / "nope.pem"), "--tls-key", str(pair.key)):
+            f"tls: tls-cert: no such file: {str(tmp_path / 'nope.pem')!r}",
+        ("--tls-cert", str(pair.cert), "--tls-key", str(tmp_path)):
+            f"tls: tls-key {str(tmp_path)!r} is a directory",
         ("--tls-cert", str(garbage), "--tls-key", str(pair.key)): "not a PEM certificate",
         ("--tls-cert", str(pair.cert), "--tls-key", str(other.key)): "does not belong",
     }
@@ -490,3 +520,32 @@ async def test_sighup_reloads_the_certificate_for_new_connections(tmp_path: Path
                 await process.wait()
         await process.stdout.aclose()
     assert "Traceback" not in stderr.read_text()
+
+
+def test_default_client_context_is_built_once_and_before_the_cli_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Loading the system trust store blocks: the SDK builds its default context once per
+    process, and the CLI builds it before trio.run, only for a TLS URL."""
+    import ufo_trio.client._tls as client_tls
+    from ufo_trio.client._cli import _ssl_context
+
+    monkeypatch.setattr(client_tls, "_default", None)
+    calls: list[dict[str, Any]] = []
+    real = ssl.create_default_context
+
+    def counting(**kwargs: Any) -> ssl.SSLContext:
+        calls.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(ssl, "create_default_context", counting)
+    monkeypatch.delenv("UFO_TRIO_CA", raising=False)
+    first = client_tls.default_context()
+    assert client_tls.default_context() is first
+    assert len(calls) == 1
+    parser = argparse.ArgumentParser()
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    for url, expected in (("wss://h/ws", first), ("ws://h/ws", None)):
+        args = parser.parse_args(["task", "--target", "d", "--url", url, "[]"])
+        assert _ssl_context(args, "task") is expected
+    assert len(calls) == 1

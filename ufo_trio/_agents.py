@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import cattrs
 
 from ._codec import converter
+from ._config import LLM_AGENTS
 from ._errors import ConfigError, UfoTrioError
 from ._messages import ClientType, Command, Result, ResultStatus
 
@@ -158,20 +159,16 @@ def script_agent_factory(platform: str) -> Agent:
 
 
 BUILTIN_AGENTS: dict[str, AgentFactory] = {"script": script_agent_factory}
-#: Built-in agents that need the model settings (ufo_trio._llm builds them).
-MODEL_AGENTS = ("llm", "auto")
 
 
 def load_agent_factory(spec: str) -> AgentFactory:
     """`script` or `package.module:callable` → factory. Raises `ConfigError` with one line."""
     if spec in BUILTIN_AGENTS:
         return BUILTIN_AGENTS[spec]
-    if spec in MODEL_AGENTS:
-        raise ConfigError(f"agent {spec!r} needs --llm-base-url (and --llm-model)")
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(
-            f"agent must be one of {', '.join([*BUILTIN_AGENTS, *MODEL_AGENTS])} or 'package.module:callable', "
+            f"agent must be one of {', '.join([*BUILTIN_AGENTS, *LLM_AGENTS])} or 'package.module:callable', "
             f"got {spec!r}"
         )
     try:

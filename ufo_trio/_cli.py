@@ -282,7 +282,8 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser | None =
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # httpx logs every model request at INFO; our own lines say what matters (and no URLs).
+    # Defensive: model calls go straight to httpx's transport, past AsyncClient.send, which
+    # would log each request with its URL at INFO; should one ever go through it, stay quiet.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         return trio.run(_serve_until_signalled, config)

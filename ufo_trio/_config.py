@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import urllib.parse
-from typing import Any
+from typing import Any, Final
 
 import attrs
 
@@ -84,12 +84,50 @@ def _one_of(choices: tuple[str, ...]) -> attrs._ValidatorType[str]:
     return check
 
 
+def shown_url(parts: urllib.parse.SplitResult) -> str:
+    """scheme://host[:port]/path of a URL for messages: no user info, query or fragment
+    (they may hold keys)."""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = host + (f":{port}" if port else "")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+#: The built-in agents that need a model (`--llm-base-url`); ufo_trio._llm builds them.
+LLM_AGENTS: Final = ("llm", "auto")
+
+
+def parse_tool_secret(spec: str) -> tuple[str, str]:
+    """`--tool-secret PARAM=ENV_VAR` → (PARAM, ENV_VAR); raises `ConfigError` with one line."""
+    param, sep, env_var = spec.partition("=")
+    param, env_var = param.strip(), env_var.strip()
+    if not sep or not param or not env_var:
+        raise ConfigError(f"tool-secret must be PARAM=ENV_VAR, got {spec!r}")
+    return param, env_var
+
+
 def _http_url(_inst: object, _attribute: attrs.Attribute[Any], value: str | None) -> None:
     if value is None:
         return
-    parts = urllib.parse.urlsplit(value)
+    try:
+        parts = urllib.parse.urlsplit(value)
+    except ValueError as exc:  # e.g. "http://[::1": the message does not echo the URL
+        raise ConfigError(f"llm-base-url is not a valid URL ({exc})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"llm-base-url must be an http:// or https:// URL, got {value!r}")
+        raise ConfigError(
+            f"llm-base-url must be an http:// or https:// URL, got {shown_url(parts)!r}"
+        )
+    try:
+        parts.port  # noqa: B018  (raises on a port that is not a number in 0-65535)
+    except ValueError:
+        raise ConfigError(
+            f"llm-base-url has a bad port (not a number in 0-65535): {shown_url(parts)!r}"
+        ) from None
 
 
 def _temperature(_inst: object, _attribute: attrs.Attribute[Any], value: float) -> None:
@@ -176,14 +214,12 @@ class ServerConfig:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls-cert and tls-key must be given together")
         agent = self.effective_agent
-        if agent in ("llm", "auto") and not self.llm_base_url:
+        if agent in LLM_AGENTS and not self.llm_base_url:
             raise ConfigError(f"agent {agent!r} needs --llm-base-url (and --llm-model)")
         if self.llm_base_url and not self.llm_model:
             raise ConfigError("--llm-model is required with --llm-base-url")
         for spec in self.tool_secrets:
-            param, sep, env_var = spec.partition("=")
-            if not sep or not param.strip() or not env_var.strip():
-                raise ConfigError(f"tool-secret must be PARAM=ENV_VAR, got {spec!r}")
+            parse_tool_secret(spec)
 
     @property
     def effective_agent(self) -> str:

@@ -110,12 +110,12 @@ async def handle_stream(server: Server, stream: trio.abc.Stream) -> None:
         if server.tls is not None:  # the TLS handshake counts against LIM-2 too
             tls_stream = None
             with trio.move_on_at(deadline) as handshake:
-                tls_stream = await accept_tls(stream, server.tls.context, remote)
+                tls_stream = await accept_tls(stream, server.tls.context, remote, config)
             if handshake.cancelled_caught:
                 log_refusal(
                     remote,
                     "registration-timeout",
-                    f"{config.registration_timeout:g}s for the request head",
+                    f"{config.registration_timeout:g}s for the TLS handshake",
                 )
             if tls_stream is None:
                 return

@@ -415,15 +415,17 @@ class HttpConnection:
         if await self.send(status_reply(status, headers=headers)) and self.unread_input():
             await linger(self.stream)
 
-    async def refuse_connection(self) -> None:
-        """A TCP connection over `--max-connections`: 503 before reading anything, then close.
+    async def refuse_connection(self, reply: Reply | None = None) -> None:
+        """Answer *reply* before reading anything, then close; by default the 503 of a TCP
+        connection over `--max-connections` (logged here).
 
         Bounded: at most `LINGER_SECONDS` plus one small write.
         """
-        log_refusal(self.remote, "max-connections", str(self.config.max_connections))
-        reply = error_reply(
-            503, TOO_MANY_CONNECTIONS, headers=((b"retry-after", b"1"),), close=True
-        )
+        if reply is None:
+            log_refusal(self.remote, "max-connections", str(self.config.max_connections))
+            reply = error_reply(
+                503, TOO_MANY_CONNECTIONS, headers=((b"retry-after", b"1"),), close=True
+            )
         with trio.move_on_after(LINGER_SECONDS):
             await self.send(reply)
             await linger(self.stream)

@@ -33,7 +33,9 @@ import trio
 
 from ._agents import Agent, AgentFactory, ScriptAgent, TaskFailed, load_agent_factory
 from ._codec import shown
+from ._config import LLM_AGENTS, parse_tool_secret, shown_url
 from ._errors import ConfigError
+from ._http import is_loopback_host
 from ._messages import Command, Result, ResultStatus, ToolType
 
 if TYPE_CHECKING:
@@ -61,9 +63,10 @@ TASK_FAILED: Final = "task_failed"
 LIST_TOOLS: Final = Command(
     tool_name="list_tools", tool_type=ToolType.ACTION, parameters={"tool_type": "action"}
 )
-_NAME_OK: Final = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _NAME_BAD_CHARS: Final = re.compile(r"[^a-zA-Z0-9_-]")
 _SECRET_MASK: Final = "***"
+#: OpenAI's limit on `tools` per request; `task_failed` takes one of them.
+MAX_FUNCTIONS: Final = 128
 
 
 # ------------------------------------------------------------------------------ settings
@@ -91,27 +94,13 @@ class LlmSettings:
     @property
     def shown_endpoint(self) -> str:
         """The endpoint for messages: no user info, query or fragment (they may hold keys)."""
-        parts = urllib.parse.urlsplit(self.endpoint)
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        netloc = host + (f":{parts.port}" if parts.port else "")
-        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        return shown_url(urllib.parse.urlsplit(self.endpoint))
 
     def secrets(self) -> list[str]:
         values = [v for _, v in self.tool_secrets]
         if self.api_key:
             values.append(self.api_key)
         return [v for v in values if v]
-
-
-def parse_tool_secret(spec: str) -> tuple[str, str]:
-    """`PARAM=ENV_VAR` → (PARAM, ENV_VAR); raises `ConfigError` with one line."""
-    param, sep, env_var = spec.partition("=")
-    param, env_var = param.strip(), env_var.strip()
-    if not sep or not param or not env_var:
-        raise ConfigError(f"tool-secret must be PARAM=ENV_VAR, got {spec!r}")
-    return param, env_var
 
 
 def resolve_tool_secrets(specs: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
@@ -129,8 +118,9 @@ def resolve_tool_secrets(specs: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
 
 
 def settings_from_config(config: ServerConfig) -> LlmSettings:
-    if not config.llm_base_url or not config.llm_model:
-        raise ConfigError("the llm agent needs --llm-base-url and --llm-model")
+    # ServerConfig refuses llm/auto without both (one-line ConfigError at start).
+    assert config.llm_base_url is not None
+    assert config.llm_model is not None
     return LlmSettings(
         base_url=config.llm_base_url,
         model=config.llm_model,
@@ -357,7 +347,11 @@ class OpenAIChatModel:
         )
         # Deadlines come from trio scopes in the agent (MockClock drives them), not from httpx.
         # The environment's HTTPS_PROXY / NO_PROXY / SSL_CERT_FILE apply, as for any httpx client.
-        self._client = httpx.AsyncClient(transport=self._transport, limits=limits, timeout=None)
+        # Loading the CA bundle blocks (tens of ms): in a thread, not on the event loop.
+        verify = await trio.to_thread.run_sync(httpx.create_ssl_context)
+        self._client = httpx.AsyncClient(
+            transport=self._transport, limits=limits, timeout=None, verify=verify
+        )
         # One model call goes straight to the pooled transport the client chose for the
         # endpoint (proxy or direct, per HTTPS_PROXY / NO_PROXY): the client's per-request
         # work (URL merging, cookies, auth and redirect handling) is CPU the agent pays on
@@ -413,6 +407,11 @@ class OpenAIChatModel:
                 f"cannot reach the model server at {settings.shown_endpoint} "
                 f"({_transport_reason(exc)}); check --llm-base-url and that the server is running",
                 retryable=True,
+            ) from None
+        except httpx.HTTPError as exc:  # e.g. DecodingError: a gzip body that is not gzip
+            raise ModelError(
+                f"cannot read the model server's answer ({type(exc).__name__})",
+                retryable=False,
             ) from None
         status = response.status_code
         if status == 200:
@@ -483,12 +482,17 @@ class Toolbox:
         self.tools: dict[str, _Tool] = {}
         #: Built once per session; its JSON text is encoded once too (`EncodedList`).
         self.functions: EncodedList = EncodedList()
+        #: tool_name of each usable descriptor past the MAX_FUNCTIONS cap (not offered).
+        self.dropped: list[str] = []
         taken = {TASK_FAILED}
         for raw in descriptors if type(descriptors) is list else []:
             if type(raw) is not dict:
                 continue
             tool_name = raw.get("tool_name")
             if type(tool_name) is not str or not tool_name:
+                continue
+            if len(self.tools) >= MAX_FUNCTIONS - 1:
+                self.dropped.append(tool_name)
                 continue
             try:
                 tool_type = ToolType(raw.get("tool_type") or "action")
@@ -670,6 +674,16 @@ def _same(value: Any, allowed: Any) -> bool:
 # ------------------------------------------------------------------------------ the loop
 
 
+def _secret_forms(secrets: list[str]) -> tuple[str, ...]:
+    """Each secret as given and as it appears inside JSON text (escaped, with and without
+    ``\\uXXXX`` for non-ASCII), longest first so no form is masked only in part."""
+    forms = set(secrets)
+    for secret in secrets:
+        forms.add(json.dumps(secret, ensure_ascii=False)[1:-1])
+        forms.add(json.dumps(secret)[1:-1])
+    return tuple(sorted(forms, key=len, reverse=True))
+
+
 def _cut(text: str, limit: int) -> str:
     data = text.encode()
     if len(data) <= limit:
@@ -711,7 +725,7 @@ class LlmAgent:
     def __init__(self, settings: LlmSettings, model: ChatModel) -> None:
         self.settings = settings
         self.model = model
-        self._secrets = settings.secrets()
+        self._secrets = _secret_forms(settings.secrets())
 
     def _scrub(self, text: str) -> str:
         for secret in self._secrets:
@@ -732,6 +746,17 @@ class LlmAgent:
             "completion_tokens": reply.completion_tokens,
         }
 
+    def _scrub_value(self, value: Any) -> Any:
+        """*value* with every form of a secret masked in its strings (keys included); the
+        same type, so a masked result is recorded as what the device sent."""
+        if isinstance(value, str):
+            return self._scrub(value)
+        if isinstance(value, dict):
+            return {self._scrub_value(k): self._scrub_value(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._scrub_value(v) for v in value]
+        return value
+
     def _fail(self, reason: str, outcome: dict[str, Any] | None = None) -> TaskFailed:
         return TaskFailed(PREFIX + self._scrub(reason), outcome)
 
@@ -751,6 +776,19 @@ class LlmAgent:
                 "descriptors); register tools on the device"
             )
         log.info("session %s: llm agent: %d tool(s) on the device", sid, len(toolbox.tools))
+        if toolbox.dropped:
+            names = ", ".join(shown(n, 40) for n in toolbox.dropped[:10])
+            more = f" and {len(toolbox.dropped) - 10} more" if len(toolbox.dropped) > 10 else ""
+            log.warning(
+                "session %s: llm agent: device %s advertises %d tools, more than the model API "
+                "takes (%d functions with task_failed); not offered: %s%s",
+                sid,
+                shown(ctx.executor_id),
+                len(toolbox.tools) + len(toolbox.dropped),
+                MAX_FUNCTIONS,
+                names,
+                more,
+            )
         info = ctx.system_info
         messages = EncodedList(
             [
@@ -810,7 +848,14 @@ class LlmAgent:
             if isinstance(item, Command):
                 result: Result = next(results)
                 hidden = {p for p, _ in toolbox.tools[call.name].secrets}
-                parameters = {k: v for k, v in (item.parameters or {}).items() if k not in hidden}
+                parameters: Any = {
+                    k: v for k, v in (item.parameters or {}).items() if k not in hidden
+                }
+                limit = self.settings.max_output_bytes
+                if len(call.arguments) * 4 > limit:  # may be over the limit in UTF-8
+                    cut = _cut(call.arguments, limit)
+                    if cut is not call.arguments:  # recorded as the model wrote it, cut
+                        parameters = self._scrub(cut)
                 record_calls.append(
                     {"id": call.id, "tool_name": item.tool_name, "parameters": parameters}
                 )
@@ -830,10 +875,17 @@ class LlmAgent:
         as recorded in the step: the value itself, or its cut text if it had to be cut."""
         limit = self.settings.max_output_bytes
         text = _dumps(value)
-        scrubbed = self._scrub(text)
+        # Masked on the value, not on its JSON text: there a secret holding `"` or `\` is
+        # escaped and would slip through. The quick check on the text finds any of its forms.
+        if self._secrets and any(secret in text for secret in self._secrets):
+            value = self._scrub_value(value)
+            text = _dumps(value)
+            masked = self._scrub(text)  # a value _dumps could only show as str()
+            if masked is not text:
+                value = text = masked
         head = _dumps({"status": status, "error": error and self._scrub(error)})[:-1]
-        content = _cut(f'{head},"result":{scrubbed}}}', limit)
-        cut = _cut(scrubbed, limit)
+        content = _cut(f'{head},"result":{text}}}', limit)
+        cut = _cut(text, limit)
         return content, value if cut is text else cut
 
     async def _call(
@@ -926,8 +978,6 @@ class LlmAgentFactory:
         return AutoAgent(agent) if self.auto else agent
 
 
-LLM_AGENTS: Final = ("llm", "auto")
-
 
 def build_agent(
     config: ServerConfig, *, model_transport: httpx.AsyncBaseTransport | None = None
@@ -940,5 +990,12 @@ def build_agent(
     if spec not in LLM_AGENTS:
         return load_agent_factory(spec), None
     settings = settings_from_config(config)
+    parts = urllib.parse.urlsplit(settings.base_url)
+    if settings.api_key and parts.scheme == "http" and not is_loopback_host(parts.hostname or ""):
+        log.warning(
+            "the LLM API key is sent in clear text to %s (plain http:// to another host); "
+            "use an https:// --llm-base-url",
+            shown_url(parts),
+        )
     model = OpenAIChatModel(settings, transport=model_transport)
     return LlmAgentFactory(settings, model, auto=spec == "auto"), model

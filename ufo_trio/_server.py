@@ -266,13 +266,17 @@ def build_server(
     port: int = 0,
     tls: ServerTLS | None = None,
     model_transport: httpx.AsyncBaseTransport | None = None,
+    agent: tuple[AgentFactory, OpenAIChatModel | None] | None = None,
 ) -> Server:
     """A `Server` that is not yet running. Raises `ConfigError` for a bad `--agent` (or LLM
     setting). *tls* comes from `load_tls` when `config.tls_cert` is set (`serve` does that);
-    `model_transport` replaces the llm agent's HTTP transport (in-process fake models).
+    `model_transport` replaces the llm agent's HTTP transport (in-process fake models);
+    *agent* is `build_agent(config)` when the caller already built it.
     """
     api_key = config.api_key if config.api_key is not None else secrets.token_urlsafe(32)
-    agent_factory, model = build_agent(config, model_transport=model_transport)
+    if agent is None:
+        agent = build_agent(config, model_transport=model_transport)
+    agent_factory, model = agent
     return Server(
         config=config,
         api_key=api_key,
@@ -294,7 +298,7 @@ async def serve(
     `server = await nursery.start(serve, config)`. Raises `ConfigError` for a bad `--agent`
     and `OSError` if the address cannot be bound.
     """
-    build_agent(config)  # fail before binding
+    agent = build_agent(config)  # fail before binding
     tls = None
     if config.tls_cert is not None and config.tls_key is not None:
         tls = await load_tls(config.tls_cert, config.tls_key)  # ConfigError before binding
@@ -304,5 +308,7 @@ async def serve(
         for extra in listeners[1:]:
             await extra.aclose()
         listeners = listeners[:1]
-    server = build_server(config, port=listeners[0].socket.getsockname()[1], tls=tls)
+    server = build_server(
+        config, port=listeners[0].socket.getsockname()[1], tls=tls, agent=agent
+    )
     await server.run(listeners, task_status=task_status)

@@ -12,45 +12,41 @@ plain-HTTP request (one line of JSON, `400`) and otherwise runs the TLS handshak
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
 
 from ._errors import ConfigError
-from ._limits import linger
+from ._http import HttpConnection, error_reply
+
+if TYPE_CHECKING:
+    from ._config import ServerConfig
 
 log = logging.getLogger("ufo_trio")
 
 #: The first byte of every TLS record that opens a handshake (content type 22).
 _TLS_HANDSHAKE = 0x16
-_REFUSAL_BODY = b'{"detail":"This port speaks TLS: use wss:// or https:// URLs"}'
 #: What a plain-text request on the TLS port gets: one response, then the connection closes.
-PLAIN_REFUSAL = (
-    b"HTTP/1.1 400 Bad Request\r\n"
-    b"content-type: application/json\r\n"
-    b"content-length: " + str(len(_REFUSAL_BODY)).encode() + b"\r\n"
-    b"connection: close\r\n\r\n" + _REFUSAL_BODY
-)
+PLAIN_REFUSAL = error_reply(400, "This port speaks TLS: use wss:// or https:// URLs", close=True)
 
 
 def server_context(cert: str, key: str) -> ssl.SSLContext:
     """A server `SSLContext` for the PEM files *cert* (chain) and *key*: TLS 1.2 or newer, the
     `ssl` module's default ciphers. Blocking (reads files). Raises `ConfigError` with one line
     for a missing, unreadable, malformed or mismatched pair."""
+    # Checked one by one first: load_cert_chain's OSError does not say which file it was.
+    _check_file("tls-cert", cert)
+    _check_file("tls-key", key)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     # TLS 1.2 renegotiation started by a client only costs the server CPU: refuse it.
     context.options |= ssl.OP_NO_RENEGOTIATION
     try:
         context.load_cert_chain(cert, key)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"tls: no such file: {exc.filename}") from None
-    except PermissionError as exc:
-        raise ConfigError(f"tls: cannot read {exc.filename}: permission denied") from None
-    except IsADirectoryError as exc:
-        raise ConfigError(f"tls: {exc.filename} is a directory") from None
     except ssl.SSLError as exc:
         raise ConfigError(
             f"tls: cannot use certificate {cert!r} with key {key!r}: {_ssl_reason(exc)}"
@@ -58,6 +54,18 @@ def server_context(cert: str, key: str) -> ssl.SSLContext:
     except OSError as exc:
         raise ConfigError(f"tls: cannot read {cert!r} / {key!r}: {exc.strerror or exc}") from None
     return context
+
+
+def _check_file(flag: str, path: str) -> None:
+    """Raise `ConfigError` naming *path* unless it is a readable file."""
+    if os.path.isdir(path):
+        raise ConfigError(f"tls: {flag} {path!r} is a directory")
+    if not os.path.exists(path):
+        raise ConfigError(f"tls: {flag}: no such file: {path!r}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"tls: {flag} {path!r} is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"tls: {flag}: cannot read {path!r}: permission denied")
 
 
 def _ssl_reason(exc: ssl.SSLError) -> str:
@@ -100,7 +108,7 @@ async def load_tls(cert: str, key: str) -> ServerTLS:
 
 
 async def accept_tls(
-    stream: trio.abc.Stream, context: ssl.SSLContext, remote: str
+    stream: trio.abc.Stream, context: ssl.SSLContext, remote: str, config: ServerConfig
 ) -> trio.SSLStream[trio.abc.Stream] | None:
     """Run the server side of the TLS handshake on *stream*; None if it failed.
 
@@ -118,8 +126,8 @@ async def accept_tls(
             return None
         if first[0] != _TLS_HANDSHAKE:
             log.info("%s: plain-text request on the TLS port refused (400)", remote)
-            await stream.send_all(PLAIN_REFUSAL)
-            await linger(stream)  # so the peer reads the answer instead of a reset
+            # Lingers after the answer, so the peer reads it instead of a reset.
+            await HttpConnection(stream, remote, config).refuse_connection(PLAIN_REFUSAL)
             return None
     # https_compatible: clients often close without a TLS close_notify; the WebSocket and HTTP
     # layers above frame their own messages, so a bare EOF is an ordinary end.

@@ -34,7 +34,7 @@ from ._link import check_url
 from ._outcome import TaskOutcome, format_outcome
 from ._plan import Plan, parse_plan
 from ._progress import Fetch, Progress
-from ._tls import client_context
+from ._tls import client_context, default_context
 from ._tools import ToolRegistry
 from ._util import single_error
 
@@ -187,7 +187,8 @@ def _url(args: argparse.Namespace, *, http_ok: bool = False) -> str:
 
 
 def _ssl_context(args: argparse.Namespace, command: str) -> ssl.SSLContext | None:
-    """The TLS context for --ca / $UFO_TRIO_CA / --insecure; None: the system default."""
+    """The TLS context for --ca / $UFO_TRIO_CA / --insecure, else the shared default for a
+    TLS URL (None for ws://). Blocking: call it before `trio.run`."""
     ca: str | None = args.ca or os.environ.get(CA_ENV) or None
     if args.insecure:
         print(
@@ -197,7 +198,9 @@ def _ssl_context(args: argparse.Namespace, command: str) -> ssl.SSLContext | Non
             flush=True,
         )
     if ca is None and not args.insecure:
-        return None
+        # Only a TLS URL needs the system trust store; loaded here, before trio.run.
+        url: str = args.url or os.environ.get(URL_ENV) or DEFAULT_URL
+        return default_context() if url.lower().startswith(("wss:", "https:")) else None
     try:
         return client_context(ca, insecure=args.insecure)
     except ValueError as exc:
@@ -226,12 +229,14 @@ def _interrupted(exc: BaseException) -> bool:
 def _run(
     command: str,
     main: Callable[..., Awaitable[int]],
-    *args: Any,
+    prepare: Callable[[], Sequence[Any]],
     on_interrupt: int = EXIT_INTERRUPTED,
 ) -> int:
-    """`trio.run` with the CLI's error policy: known errors become one line and a status."""
+    """`trio.run(main, *prepare())` with the CLI's error policy: known errors become one line
+    and a status. *prepare* does the blocking set-up (files, the TLS trust store) before the
+    event loop starts, and its bad input fails before any connection is made."""
     try:
-        return trio.run(main, *args)
+        return trio.run(main, *prepare())
     except _UsageError as exc:
         _fail(command, exc)
         return EXIT_USAGE
@@ -303,10 +308,9 @@ def _configure_logging(verbose: bool) -> None:
         logging.getLogger("trio-websocket").setLevel(logging.WARNING)
 
 
-async def _device_main(args: argparse.Namespace) -> int:
-    url = _url(args)
-    context = _ssl_context(args, "device")
-    tools = _device_tools(args)
+async def _device_main(
+    args: argparse.Namespace, url: str, context: ssl.SSLContext | None, tools: ToolRegistry
+) -> int:
     _configure_logging(args.verbose)
     # SIGINT too: a device started in the background of a script has KeyboardInterrupt
     # disabled (the shell ignores SIGINT for it), yet should still stop on it.
@@ -333,7 +337,10 @@ async def _device_main(args: argparse.Namespace) -> int:
 
 def run_device_command(args: argparse.Namespace) -> int:
     """``device``: run until Ctrl-C/SIGTERM (exit 0) or a fatal error (exit 1)."""
-    return _run("device", _device_main, args, on_interrupt=EXIT_OK)
+    def prepare() -> tuple[Any, ...]:
+        return args, _url(args), _ssl_context(args, "device"), _device_tools(args)
+
+    return _run("device", _device_main, prepare, on_interrupt=EXIT_OK)
 
 
 # --------------------------------------------------------------------------------- task
@@ -345,10 +352,10 @@ def _read_request_file(argument: str) -> str:
         return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise _UsageError(
-            f"bad plan: cannot read plan file {str(path)!r}: {exc.strerror or exc}"
+            f"cannot read request file {str(path)!r}: {exc.strerror or exc}"
         ) from None
     except UnicodeDecodeError:
-        raise _UsageError(f"bad plan: plan file {str(path)!r} is not UTF-8 text") from None
+        raise _UsageError(f"request file {str(path)!r} is not UTF-8 text") from None
 
 
 def looks_like_plan(text: str) -> bool:
@@ -386,10 +393,19 @@ def _print_outcome(args: argparse.Namespace, outcome: TaskOutcome, plan: Plan | 
         print(format_outcome(outcome, plan), flush=True)
 
 
-async def _task_main(args: argparse.Namespace) -> int:
-    url = _url(args)
-    context = _ssl_context(args, "task")
-    requests = _requests(args)
+def task_input(
+    args: argparse.Namespace,
+) -> tuple[argparse.Namespace, str, ssl.SSLContext | None, list[tuple[str, Plan | None]]]:
+    """`_task_main`'s arguments, read before `trio.run` (URL, TLS context, @files)."""
+    return args, _url(args), _ssl_context(args, "task"), _requests(args)
+
+
+async def _task_main(
+    args: argparse.Namespace,
+    url: str,
+    context: ssl.SSLContext | None,
+    requests: list[tuple[str, Plan | None]],
+) -> int:
     api_key = _api_key(args)
     client_id = args.client_id or f"cli-{uuid.uuid4().hex[:8]}"
     outcomes: list[TaskOutcome | None] = [None] * len(requests)
@@ -427,31 +443,34 @@ async def _task_main(args: argparse.Namespace) -> int:
             name = names[index]
             session_id = session_ids[index]
             line = lines[index]
-            try:
-                async with trio.open_nursery() as polling:
-                    if progress is not None and line is not None:
-                        polling.start_soon(progress.poll, line, fetch_task)
-                        on_ack = functools.partial(progress.acknowledged, line)
-                    else:
-                        on_ack = None
-                    try:
-                        outcome = await constellation.run_task(
-                            args.target,
-                            request,
-                            task_name=name,
-                            session_id=session_id,
-                            timeout=args.timeout,
-                            on_ack=on_ack,
-                        )
-                    finally:
-                        polling.cancel_scope.cancel()  # the TASK_END ends the polling
-            except ClientError as exc:
+            outcome: TaskOutcome | None = None
+            failure: ClientError | None = None
+            # The failure is caught inside the nursery body: raised through it, it would come
+            # out as an ExceptionGroup and cancel the other requests' tasks.
+            async with trio.open_nursery() as polling:
                 if progress is not None and line is not None:
-                    progress.finished(line)
-                _fail("task", exc)
-                return
+                    polling.start_soon(progress.poll, line, fetch_task)
+                    on_ack = functools.partial(progress.acknowledged, line)
+                else:
+                    on_ack = None
+                try:
+                    outcome = await constellation.run_task(
+                        args.target,
+                        request,
+                        task_name=name,
+                        session_id=session_id,
+                        timeout=args.timeout,
+                        on_ack=on_ack,
+                    )
+                except ClientError as exc:
+                    failure = exc
+                finally:
+                    polling.cancel_scope.cancel()  # the TASK_END ends the polling
             if progress is not None and line is not None:
                 progress.finished(line)
+            if outcome is None:
+                _fail("task", failure)
+                return
             outcomes[index] = outcome
             _print_outcome(args, outcome, plan)
 
@@ -472,7 +491,7 @@ async def _task_main(args: argparse.Namespace) -> int:
 
 def run_task_command(args: argparse.Namespace) -> int:
     """``task``: exit 0 only if every task completed."""
-    return _run("task", _task_main, args)
+    return _run("task", _task_main, functools.partial(task_input, args))
 
 
 # --------------------------------------------------------------------------------- clients
@@ -486,9 +505,9 @@ def _describe_client(entry: Any) -> str:
     return str(entry)
 
 
-async def _clients_main(args: argparse.Namespace) -> int:
-    url = _url(args, http_ok=True)
-    context = _ssl_context(args, "clients")
+async def _clients_main(
+    args: argparse.Namespace, url: str, context: ssl.SSLContext | None
+) -> int:
     try:
         clients = await list_clients(url, api_key=_api_key(args), ssl_context=context)
     except ApiUnavailable as exc:
@@ -506,7 +525,10 @@ async def _clients_main(args: argparse.Namespace) -> int:
 
 def run_clients_command(args: argparse.Namespace) -> int:
     """``clients``: print the online clients (GET /api/clients)."""
-    return _run("clients", _clients_main, args)
+    def prepare() -> tuple[Any, ...]:
+        return args, _url(args, http_ok=True), _ssl_context(args, "clients")
+
+    return _run("clients", _clients_main, prepare)
 
 
 # --------------------------------------------------------------------------------- standalone

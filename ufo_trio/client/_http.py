@@ -15,7 +15,7 @@ import h11
 import trio
 
 from ._errors import AuthenticationFailed, ClientError, ConnectFailed, TLSError
-from ._tls import client_context, handshake
+from ._tls import default_context, handshake
 
 if TYPE_CHECKING:
     import ssl
@@ -67,7 +67,7 @@ async def get_json(
             stream: trio.abc.Stream
             if tls:
                 tls_stream = await trio.open_ssl_over_tcp_stream(
-                    host, port, ssl_context=ssl_context or client_context()
+                    host, port, ssl_context=ssl_context or default_context()
                 )
                 stream = tls_stream
                 try:

@@ -26,7 +26,7 @@ from ._errors import (
     RegistrationRefused,
     TLSError,
 )
-from ._tls import client_context, handshake
+from ._tls import default_context, handshake
 from ._util import raise_single_error
 from ._wire import FrameError, ServerFrame, encode, parse_server_frame
 
@@ -302,7 +302,7 @@ async def open_link(
 ) -> AsyncIterator[Link]:
     """Connect to *url*, send *register* and wait for the verdict (§3.1).
 
-    ``wss://`` URLs use *ssl_context* (default: `client_context()`, the system trust store).
+    ``wss://`` URLs use *ssl_context* (default: `default_context()`, the system trust store).
     Raises `ValueError` for a malformed URL, `AuthenticationFailed` for HTTP 403 at the
     handshake, `TLSError` when TLS fails (untrusted, expired or wrong-host certificate, or
     the URL's scheme does not match the port), `ConnectFailed` when the server cannot be
@@ -324,7 +324,7 @@ async def open_link(
                 tls_stream = await trio.open_ssl_over_tcp_stream(
                     host,
                     port,
-                    ssl_context=ssl_context or client_context(),
+                    ssl_context=ssl_context or default_context(),
                     https_compatible=True,
                 )
                 stream = tls_stream

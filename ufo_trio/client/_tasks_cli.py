@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import urllib.parse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._cli import (
     EXIT_FAILED,
@@ -21,10 +21,14 @@ from ._cli import (
     _api_key,
     _fail,
     _run,
+    _ssl_context,
     _url,
 )
 from ._errors import AuthenticationFailed, ConnectFailed
 from ._http import ApiUnavailable, get_json
+
+if TYPE_CHECKING:
+    import ssl
 
 STATUSES = ("running", "completed", "failed")
 
@@ -58,11 +62,16 @@ def run_tasks_command(args: argparse.Namespace) -> int:
     if args.action and (len(args.action) != 2 or args.action[0] != "show"):
         _fail("tasks", f"unexpected arguments {' '.join(args.action)!r} (use: tasks show ID)")
         return EXIT_USAGE
-    return _run("tasks", _tasks_main, args)
+    def prepare() -> tuple[Any, ...]:
+        return args, _url(args, http_ok=True), _ssl_context(args, "tasks")
+
+    return _run("tasks", _tasks_main, prepare)
 
 
-async def _get(args: argparse.Namespace, path: str) -> tuple[int, Any]:
-    response = await get_json(_url(args), path, api_key=_api_key(args))
+async def _get(
+    args: argparse.Namespace, url: str, context: ssl.SSLContext | None, path: str
+) -> tuple[int, Any]:
+    response = await get_json(url, path, api_key=_api_key(args), ssl_context=context)
     body = response.body
     detail = body.get("detail") if isinstance(body, dict) else None
     if response.status in (401, 403):
@@ -76,10 +85,12 @@ async def _get(args: argparse.Namespace, path: str) -> tuple[int, Any]:
     return response.status, body
 
 
-async def _tasks_main(args: argparse.Namespace) -> int:
+async def _tasks_main(
+    args: argparse.Namespace, url: str, context: ssl.SSLContext | None
+) -> int:
     if args.action:
         sid = args.action[1]
-        status, body = await _get(args, "/api/tasks/" + urllib.parse.quote(sid, safe=""))
+        status, body = await _get(args, url, context, "/api/tasks/" + urllib.parse.quote(sid, safe=""))
         if status == 404:
             _fail("tasks", f"no task with session id {sid!r}")
             return EXIT_FAILED
@@ -89,7 +100,7 @@ async def _tasks_main(args: argparse.Namespace) -> int:
     for key in ("status", "target", "requester", "since"):
         if getattr(args, key):
             query[key] = getattr(args, key)
-    status, body = await _get(args, "/api/tasks?" + urllib.parse.urlencode(query))
+    status, body = await _get(args, url, context, "/api/tasks?" + urllib.parse.urlencode(query))
     if status != 200:
         _fail("tasks", body.get("detail", f"HTTP {status}"))
         return EXIT_USAGE

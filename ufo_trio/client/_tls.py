@@ -1,8 +1,9 @@
 """TLS for ``wss://`` and ``https://``: the client context and a handshake with clear errors.
 
 Verification is always on unless the caller passes a context that turns it off. The default
-context is `ssl.create_default_context()`: the system's trust store, which ``SSL_CERT_FILE``
-and ``SSL_CERT_DIR`` override; `client_context(cafile)` trusts a private CA instead.
+context (`default_context()`, built once per process) is `ssl.create_default_context()`: the
+system's trust store, which ``SSL_CERT_FILE`` and ``SSL_CERT_DIR`` override (read when it is
+built); `client_context(cafile)` trusts a private CA instead.
 """
 
 from __future__ import annotations
@@ -30,6 +31,22 @@ def client_context(cafile: str | None = None, *, insecure: bool = False) -> ssl.
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+_default: ssl.SSLContext | None = None
+
+
+def default_context() -> ssl.SSLContext:
+    """The shared verifying client context (the system trust store), built on first use.
+
+    Loading the trust store blocks for tens of milliseconds, so it is done once per process,
+    not per connection (an `SSLContext` can be shared by any number of connections). Call it
+    before `trio.run` to keep even that first load off the event loop.
+    """
+    global _default
+    if _default is None:
+        _default = client_context()
+    return _default
 
 
 async def handshake(

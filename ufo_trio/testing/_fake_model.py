@@ -230,12 +230,15 @@ class FakeChatModel:
         await stack.__aenter__()
         try:
             nursery = await stack.enter_async_context(trio.open_nursery())
+            # Registered before anything runs in the nursery: on every exit path the listener
+            # is cancelled first, so closing the nursery is prompt. (A shield or timeout scope
+            # around the exit would not bound it: the nursery's tasks are outside that scope.)
+            stack.callback(nursery.cancel_scope.cancel)
             listeners = await nursery.start(
                 functools.partial(trio.serve_tcp, self._serve_one, 0, host="127.0.0.1")
             )
             port = listeners[0].socket.getsockname()[1]
             self.base_url = f"http://127.0.0.1:{port}/v1"
-            stack.callback(nursery.cancel_scope.cancel)
         except BaseException:
             await stack.__aexit__(None, None, None)
             raise
