@@ -21,7 +21,7 @@ from wsproto.events import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator, Callable, Iterator
     from contextlib import AbstractAsyncContextManager
 
 # --- Hypothesis: repeatable by default --------------------------------------------------------
@@ -111,3 +111,13 @@ async def open_wsproto_peer(
 def wsproto_peer() -> Callable[..., AbstractAsyncContextManager[WsprotoPeer]]:
     """`async with wsproto_peer(server.port) as peer:` opens a hand-driven WebSocket client."""
     return open_wsproto_peer
+
+
+# --- chromium: one headless Debian Chromium per run, driven by Selenium (tests/browser.py) -------
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[Any]:
+    from browser import chromium_session
+
+    yield from chromium_session()
