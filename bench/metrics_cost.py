@@ -1,4 +1,4 @@
-"""What counting costs: `python -m bench.metrics_cost` prints ns per call and µs per scrape.
+"""What counting costs: `python -m bench.metrics_cost [--quick]` prints ns per call and µs per scrape.
 
 Compares the hot-path calls of `ufo_trio._metrics.Metrics` (plain ints) with prometheus-client's
 own `Counter.inc` / `Histogram.observe` (which take a lock per call), and times one `/metrics`
@@ -9,6 +9,7 @@ machine). For scale: one heartbeat round trip costs the server about 90 µs of C
 
 from __future__ import annotations
 
+import sys
 import timeit
 
 from prometheus_client import CollectorRegistry, Counter
@@ -17,13 +18,19 @@ from prometheus_client import Histogram as LibHistogram
 from ufo_trio._messages import ClientMessageType, ServerMessageType
 from ufo_trio._metrics import HEARTBEAT_BUCKETS, Metrics, MetricsExporter, NullMetrics
 
+#: Calls per timing; `--quick` (the smoke test) uses 1 % of it.
+NUMBER = 200_000
 
-def per_call_ns(stmt: str, env: dict[str, object], number: int = 200_000) -> float:
-    best = min(timeit.repeat(stmt, globals=env, number=number, repeat=5))
-    return best / number * 1e9
+
+def per_call_ns(stmt: str, env: dict[str, object]) -> float:
+    best = min(timeit.repeat(stmt, globals=env, number=NUMBER, repeat=5))
+    return best / NUMBER * 1e9
 
 
 def main() -> None:
+    global NUMBER
+    if "--quick" in sys.argv[1:]:
+        NUMBER //= 100
     metrics = Metrics()
     null = NullMetrics()
     registry = CollectorRegistry()
@@ -62,7 +69,8 @@ def main() -> None:
     print(f"\nper heartbeat round trip (2 counts + 1 observation): Metrics {per_heartbeat:.0f} ns, "
           f"prometheus-client {lib_per_heartbeat:.0f} ns (of ~90,000 ns server CPU)")
     exporter = MetricsExporter(metrics)
-    scrape_us = min(timeit.repeat(exporter.render, number=200, repeat=3)) / 200 * 1e6
+    scrapes = max(1, NUMBER // 1000)
+    scrape_us = min(timeit.repeat(exporter.render, number=scrapes, repeat=3)) / scrapes * 1e6
     print(f"one /metrics render (incl. process collector): {scrape_us:.0f} µs, "
           f"{len(exporter.render()[1])} bytes")
 

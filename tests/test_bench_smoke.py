@@ -123,3 +123,15 @@ def test_client_codec_round_trip() -> None:
 
     # Client frames carry the mask bit with an all-zero key, so the payload is sent as is.
     assert encode_text(b"{}") == bytes((0x81, 0x82)) + b"\x00\x00\x00\x00{}"
+
+
+def test_metrics_cost_bench_runs() -> None:
+    # Issue 12: the counting micro-benchmark prints its table (figures are not judged here).
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.metrics_cost", "--quick"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Metrics.frame_received(enum)" in done.stdout
+    assert "prometheus Counter child .inc()" in done.stdout
+    assert "one /metrics render" in done.stdout
