@@ -14,6 +14,7 @@
   let timer = null;
   let generation = 0; // bumped by start/stop so a poll still in flight cannot start a second loop
   let openTask = null; // session_id shown in the transcript panel
+  let openTaskRunning = false; // refresh that transcript on each poll while the task runs
 
   // --- API ----------------------------------------------------------------------------------
   async function api(path) {
@@ -135,7 +136,11 @@
     for (const cells of rows) {
       const tr = document.createElement("tr");
       for (const cell of cells.cells) tr.appendChild(cell instanceof Node ? cell : el("td", cell));
-      if (onClick) tr.addEventListener("click", () => onClick(cells.item));
+      if (onClick) {
+        tr.tabIndex = 0;
+        tr.addEventListener("click", () => onClick(cells.item));
+        tr.addEventListener("keydown", (event) => { if (event.key === "Enter") onClick(cells.item); });
+      }
       fresh.appendChild(tr);
     }
     tbody.replaceWith(fresh);
@@ -241,17 +246,18 @@
     }
   }
 
-  async function showTranscript(sessionId) {
-    openTask = sessionId;
+  // Opens (or, for a running task, refreshes on each poll) the transcript of one task.
+  async function showTranscript(sessionId, refresh) {
     const panel = $("transcript");
-    panel.hidden = false;
-    $("transcript-title").textContent = text(sessionId);
-    $("transcript-request").textContent = "Loading…";
-    $("transcript-result").textContent = "";
-    const steps = $("transcript-steps");
-    while (steps.firstChild) steps.removeChild(steps.firstChild);
-    const meta = $("transcript-meta");
-    while (meta.firstChild) meta.removeChild(meta.firstChild);
+    if (!refresh) {
+      openTask = sessionId;
+      openTaskRunning = false;
+      panel.hidden = false;
+      $("transcript-title").textContent = text(sessionId);
+      $("transcript-request").textContent = "Loading…";
+      $("transcript-result").textContent = "";
+      panel.scrollIntoView({ block: "nearest" });
+    }
     let task;
     try {
       task = await api("/api/tasks/" + encodeURIComponent(sessionId));
@@ -259,10 +265,16 @@
       return handleError(err);
     }
     if (openTask !== sessionId) return;
+    const steps = $("transcript-steps");
+    while (steps.firstChild) steps.removeChild(steps.firstChild);
+    const meta = $("transcript-meta");
+    while (meta.firstChild) meta.removeChild(meta.firstChild);
     if (task === null) {
       $("transcript-request").textContent = "This task is no longer in the history.";
+      openTaskRunning = false;
       return;
     }
+    openTaskRunning = task.status === "running";
     for (const [label, value] of [["Task", task.task_name], ["Status", task.status], ["Requester", task.requester_id],
       ["Executor", task.executor_id], ["Agent", task.agent], ["Platform", task.platform], ["Created", task.created_at],
       ["Ended", task.ended_at], ["Error", task.error]]) {
@@ -317,6 +329,7 @@
       $("board").hidden = false;
       $("forget-key").hidden = false;
       render(data);
+      if (openTask !== null && openTaskRunning) showTranscript(openTask, true);
       setStatus("Live · updated " + new Date().toLocaleTimeString(), false);
     } catch (err) {
       if (gen !== generation) return;
@@ -353,6 +366,7 @@
     });
     $("transcript-close").addEventListener("click", () => {
       openTask = null;
+      openTaskRunning = false;
       $("transcript").hidden = true;
     });
     if (sessionStorage.getItem(KEY)) start();
