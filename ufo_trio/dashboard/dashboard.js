@@ -211,16 +211,17 @@
       (t.status === "completed" ? completed : failed)[slot] += 1;
     }
     const top = Math.max(1, ...completed.map((c, i) => c + failed[i]));
-    const width = 300 / minutes;
-    const height = 70;
+    const W = 600;
+    const width = W / minutes;
+    const height = 78;
     while (svg.firstChild) svg.removeChild(svg.firstChild);
     const axis = document.createElementNS(NS, "line");
-    for (const [k, v] of [["x1", 0], ["x2", 300], ["y1", height + 0.5], ["y2", height + 0.5], ["class", "axis"]]) axis.setAttribute(k, String(v));
+    for (const [k, v] of [["x1", 0], ["x2", W], ["y1", height + 0.5], ["y2", height + 0.5], ["class", "axis"]]) axis.setAttribute(k, String(v));
     svg.appendChild(axis);
-    for (const [x, label, anchor] of [[0, "-60 min", "start"], [300, "now", "end"]]) {
+    for (const [x, label, anchor] of [[0, "-60 min", "start"], [W, "now", "end"]]) {
       const t = document.createElementNS(NS, "text");
       t.setAttribute("x", String(x));
-      t.setAttribute("y", "80");
+      t.setAttribute("y", "90");
       t.setAttribute("text-anchor", anchor);
       t.setAttribute("class", "axis");
       t.textContent = label;
