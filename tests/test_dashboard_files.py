@@ -76,3 +76,16 @@ def test_page_has_no_inline_script_style_or_remote_reference(dashboard: Dashboar
     assert '"Bearer "' in js
     assert "localStorage" not in js
     assert "token=" not in js
+
+
+def test_etag_revalidation(dashboard: Dashboard) -> None:
+    page = dashboard.lookup("/")
+    script = dashboard.lookup("/dashboard/dashboard.js")
+    assert page is not None
+    assert script is not None
+    assert page.etag != script.etag
+    assert page.matches(page.etag)
+    assert page.matches(f'"other", W/{page.etag}')
+    assert page.matches("*")
+    assert not page.matches(script.etag)
+    assert not page.matches("")

@@ -62,6 +62,15 @@ class StaticFile:
         ]
 
 
+    def matches(self, if_none_match: str) -> bool:
+        """True if an `If-None-Match` value names this file: answer 304 with the same headers."""
+        for tag in if_none_match.split(","):
+            tag = tag.strip()
+            if tag == "*" or tag.removeprefix("W/") == self.etag:
+                return True
+        return False
+
+
 class Dashboard:
     """The page and its assets, read from the installed package once, at construction."""
 
