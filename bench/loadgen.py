@@ -21,6 +21,7 @@ import collections
 import json
 import math
 import re
+import ssl
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -155,6 +156,74 @@ class Conn:
 
     def abort(self) -> None:
         self._sock.close()
+
+
+class TlsConn(Conn):
+    """The same client over TLS (`wss://`): trio's SSLStream on a TCP stream.
+
+    The generator pays for its side of TLS too; its CPU share is reported as usual.
+    """
+
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        super().__init__(stream.transport_stream.socket)
+        self._stream = stream
+
+    @classmethod
+    async def open_tls(
+        cls, host: str, port: int, target: str, context: ssl.SSLContext
+    ) -> TlsConn:
+        tcp = await trio.open_tcp_stream(host, port)  # TCP_NODELAY is trio's default
+        stream = trio.SSLStream(tcp, context, server_hostname=host, https_compatible=True)
+        try:
+            await stream.do_handshake()
+            conn = cls(stream)
+            request, accept = handshake_request(host, port, target)
+            await conn.send(request)
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                data = await stream.receive_some(4096)
+                if not data:
+                    raise Closed("closed during handshake")
+                buf += data
+            head, _, rest = buf.partition(b"\r\n\r\n")
+            check_handshake_response(head, accept)
+            if rest:
+                conn._pending.extend(conn.parser.feed(rest))
+        except trio.BrokenResourceError as exc:
+            tcp.socket.close()
+            raise Closed(f"TLS handshake failed: {exc.__cause__ or exc}") from None
+        except BaseException:
+            tcp.socket.close()
+            raise
+        return conn
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self._stream.send_all(data)
+        except trio.BrokenResourceError as exc:
+            raise Closed(f"TLS stream broken: {exc}") from None
+
+    async def recv(self) -> bytes:
+        pending = self._pending
+        while True:
+            while pending:
+                opcode, payload = pending.popleft()
+                if opcode == OP_TEXT or opcode == OP_BINARY:
+                    return payload
+                if opcode == OP_PING:
+                    await self.send(encode_frame(OP_PONG, payload))
+                elif opcode == OP_CLOSE:
+                    code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
+                    raise Closed(f"close {code} {payload[2:].decode(errors='replace')}")
+            try:
+                data = await self._stream.receive_some(RECV_SIZE)
+            except trio.BrokenResourceError as exc:
+                raise Closed(f"TLS stream broken: {exc}") from None
+            if not data:
+                raise Closed("EOF")
+            pending.extend(self.parser.feed(data))
 
 
 def sniff_type(frame: bytes) -> str | None:
@@ -349,13 +418,19 @@ class Meter:
 class Target:
     """Where the server is and how to reach it."""
 
-    def __init__(self, host: str, port: int, token: str, pid: int) -> None:
+    def __init__(
+        self, host: str, port: int, token: str, pid: int, tls_ca: str | None = None
+    ) -> None:
         self.host = host
         self.port = port
         self.path = f"/ws?token={token}" if token else "/ws"
         self.pid = pid
+        #: With a CA file the server is reached over TLS (wss://), verified against that CA.
+        self.tls = ssl.create_default_context(cafile=tls_ca) if tls_ca else None
 
     async def connect(self) -> Conn:
+        if self.tls is not None:
+            return await TlsConn.open_tls(self.host, self.port, self.path, self.tls)
         return await Conn.open(self.host, self.port, self.path)
 
     async def join(self, register_frame: bytes) -> Conn:
@@ -723,7 +798,7 @@ SCENARIOS: dict[str, Callable[[Target, argparse.Namespace], Awaitable[dict[str, 
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    target = Target(args.host, args.port, args.token, args.server_pid)
+    target = Target(args.host, args.port, args.token, args.server_pid, args.tls_ca)
     with trio.fail_after(args.timeout):
         return await SCENARIOS[args.scenario](target, args)
 
@@ -751,6 +826,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=1.0)
     parser.add_argument("--concurrency", type=int, default=256, help="handshakes in flight")
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--tls-ca", default=None, help="connect over TLS, trusting this CA file")
     args = parser.parse_args(argv)
     _proc.raise_nofile_limit()
     try:

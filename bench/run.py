@@ -41,7 +41,9 @@ from . import _proc
 REPO = Path(__file__).resolve().parent.parent
 LIMIT = "limit"
 UFO = "ufo_trio"
-_LISTEN_RE = re.compile(r"listening on ws://(?P<host>\[[^\]]+\]|[^:/\s]+):(?P<port>\d+)/ws")
+#: ufo_trio with --tls-cert/--tls-key, run beside plain ufo_trio in the TLS scenarios.
+UFO_TLS = "ufo_trio+tls"
+_LISTEN_RE = re.compile(r"listening on wss?://(?P<host>\[[^\]]+\]|[^:/\s]+):(?P<port>\d+)/ws")
 
 
 @attrs.frozen(kw_only=True)
@@ -52,6 +54,15 @@ class Scenario:
     params: dict[str, Any]
     servers: tuple[str, ...] = (LIMIT, UFO)
     timeout: float = 300.0
+
+    @property
+    def tls(self) -> bool:
+        """A TLS scenario compares ufo_trio over wss:// with ufo_trio over ws://."""
+        return UFO_TLS in self.servers
+
+
+#: Where a TLS scenario runs: plain and TLS ufo_trio, in the same invocation.
+TLS_PAIR = (UFO, UFO_TLS)
 
 
 def plan(smoke: bool, duration: float) -> list[Scenario]:
@@ -96,6 +107,22 @@ def plan(smoke: bool, duration: float) -> list[Scenario]:
                 servers=(UFO,),
                 timeout=30,
             ),
+            Scenario(
+                name="heartbeat-10-tls",
+                kind="heartbeat",
+                title="heartbeat ×10",
+                params={"conns": 10, **hb},
+                servers=TLS_PAIR,
+                timeout=30,
+            ),
+            Scenario(
+                name="idle-20-tls",
+                kind="idle",
+                title="idle ×20",
+                params={"conns": 20, "settle": 0.1},
+                servers=TLS_PAIR,
+                timeout=30,
+            ),
         ]
     hb = {"duration": duration, "warmup": 1.0}
     return [
@@ -134,6 +161,21 @@ def plan(smoke: bool, duration: float) -> list[Scenario]:
             title="4 MiB result ×5",
             params={"count": 5, "size": 4 * 2**20},
             servers=(UFO,),
+        ),
+        # Issue 13: what TLS costs, ws:// and wss:// side by side in the same run.
+        Scenario(
+            name="heartbeat-100-tls",
+            kind="heartbeat",
+            title="heartbeat ×100",
+            params={"conns": 100, **hb},
+            servers=TLS_PAIR,
+        ),
+        Scenario(
+            name="idle-2000-tls",
+            kind="idle",
+            title="idle ×2,000",
+            params={"conns": 2000},
+            servers=TLS_PAIR,
         ),
     ]
 
@@ -183,6 +225,21 @@ class Options:
     gc_threshold: int | None = None
     #: Nice value for the server and the generator (None: inherit).
     priority: int | None = None
+    #: (certificate, key, CA) files for UFO_TLS, made by `make_tls_files`.
+    tls_files: tuple[Path, Path, Path] | None = None
+
+
+def make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a certificate for 127.0.0.1 (trustme, from the test extra)."""
+    import trustme
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    cert, key, ca_file = directory / "cert.pem", directory / "key.pem", directory / "ca.pem"
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_file))
+    return cert, key, ca_file
 
 
 def server_command(kind: str, opts: Options, token: str) -> list[str]:
@@ -199,6 +256,9 @@ def server_command(kind: str, opts: Options, token: str) -> list[str]:
             "--message-rate", "1000000", "--message-burst", "1000000",
             *opts.ufo_args,
         ]  # fmt: skip
+        if kind == UFO_TLS:
+            assert opts.tls_files is not None
+            args += ["--tls-cert", str(opts.tls_files[0]), "--tls-key", str(opts.tls_files[1])]
     if opts.gc_threshold is None:
         return [sys.executable, *opts.python_args, "-m", module, *args]
     # The same server, started through runpy so the collector is tuned before it imports
@@ -262,6 +322,9 @@ def start_loadgen(server: ServerProc, scenario: Scenario, opts: Options) -> subp
     ]  # fmt: skip
     for key, value in scenario.params.items():
         cmd.append(f"--{key}={value}")
+    if server.kind == UFO_TLS:
+        assert opts.tls_files is not None
+        cmd.append(f"--tls-ca={opts.tls_files[2]}")
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -486,6 +549,8 @@ def table(
     ]
     rows: list[str] = []
     for scenario in scenarios:
+        if scenario.tls:
+            continue  # in `tls_table`
         per_server = results.get(scenario.name, {})
         errors = [
             f"{kind}: {r['error']}" for kind, rs in per_server.items() for r in rs if "error" in r
@@ -525,6 +590,47 @@ def table(
         for error in errors:
             rows.append(f"| {scenario.title} | **error** | {error} | | | |")
     return "\n".join(head + rows)
+
+
+#: What the TLS scenarios report: (kind, label, get, format, max wss:// value or None).
+TLS_FIGURES: list[tuple[str, str, Callable[[dict[str, Any]], float | None], str, float | None]] = [
+    ("heartbeat", "server CPU µs / round trip", _path("server_cpu_us_per_rt"), "{:.1f}", None),
+    ("heartbeat", "round trips / s", _path("rt_per_s"), "{:,.0f}", None),
+    ("heartbeat", "RTT p50 ms", _path("rtt", "p50_ms"), "{:.2f}", None),
+    ("heartbeat", "generator CPU use", _path("gen_util"), "{:.0%}", None),
+    ("idle", "RSS KiB / idle device", _path("rss_per_device_kib"), "{:.1f}", 60.0),
+]
+
+
+def tls_table(scenarios: list[Scenario], results: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
+    """ufo_trio over ws:// and over wss://, same run: what TLS costs (issue 13)."""
+    head = [
+        "| scenario | figure | ufo_trio ws:// | ufo_trio wss:// | wss / ws | target |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    rows: list[str] = []
+    for scenario in scenarios:
+        if not scenario.tls:
+            continue
+        per_server = results.get(scenario.name, {})
+        for kind, label, get, fmt, limit in TLS_FIGURES:
+            if kind != scenario.kind:
+                continue
+            figure = Figure(kind=kind, label=label, get=get, fmt=fmt)
+            plain, spread_p = median_figure(per_server.get(UFO, []), figure)
+            tls, spread_t = median_figure(per_server.get(UFO_TLS, []), figure)
+            cell_p = "–" if plain is None else fmt.format(plain) + spread_p
+            cell_t = "–" if tls is None else fmt.format(tls) + spread_t
+            ratio = f"{tls / plain:.2f}×" if plain and tls is not None and "%" not in fmt else ""
+            target = ""
+            if limit is not None and tls is not None:
+                target = f"wss:// ≤ {limit:g} {'✅' if tls <= limit else '❌'}"
+            rows.append(f"| {scenario.title} (TLS) | {label} | {cell_p} | {cell_t} | {ratio} | {target} |")
+        for kind_, rs in per_server.items():
+            for r in rs:
+                if "error" in r:
+                    rows.append(f"| {scenario.title} (TLS) | **error** | {kind_}: {r['error']} | | | |")
+    return "\n".join(head + rows) if rows else ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -671,6 +777,9 @@ def main(argv: list[str] | None = None) -> int:
     json_lib = detect_json_lib() if args.json == "auto" else args.json
     server_cpu, gen_cpu = choose_cpus(args.no_pin)
     logdir = Path(tempfile.mkdtemp(prefix="ufo-bench-"))
+    # The TLS scenarios run ufo_trio twice, over ws:// and over wss://.
+    runnable = [*servers, UFO_TLS] if UFO in servers else servers
+    wants_tls = any(s.tls for s in scenarios) and UFO in servers
     opts = Options(
         json_lib=json_lib,
         server_cpu=server_cpu,
@@ -679,6 +788,7 @@ def main(argv: list[str] | None = None) -> int:
         logdir=logdir,
         gc_threshold=args.gc_threshold,
         priority=args.priority,
+        tls_files=make_tls_files(logdir) if wants_tls else None,
     )
     print(
         f"# ufo_trio benchmark — {info['cpu_model']}, {info['cpus']} CPUs, Python "
@@ -692,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
     flip = False
     for scenario in scenarios:
         for rep in range(args.repeat):
-            order = [s for s in servers if s in scenario.servers]
+            order = [s for s in runnable if s in scenario.servers]
             if flip:
                 order.reverse()
             flip = not flip
@@ -712,6 +822,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {label}: {status} ({time.monotonic() - t0:.1f} s)", file=sys.stderr)
 
     text = table(scenarios, results, json_lib)
+    tls_text = tls_table(scenarios, results)
+    if tls_text:
+        text += "\n\nTLS (issue 13): ufo_trio over ws:// and over wss://, same run\n\n" + tls_text
     print(text)
     for kind, reason in unavailable.items():
         print(f"\n{kind} unavailable: {reason}")

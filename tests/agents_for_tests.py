@@ -22,7 +22,6 @@ call in `FACTORY_CALLS`, so tests can check that a rejected TASK never reached i
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -128,33 +127,9 @@ def factory(platform: str) -> Agent:
 
 # ---------------------------------------------------------------------------- raw JSON helpers
 
-UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
-
-#: WIRE-3: the 14 ServerMessage keys, in serialisation order.
-SERVER_KEYS = [
-    "type",
-    "status",
-    "user_request",
-    "agent_name",
-    "process_name",
-    "root_name",
-    "actions",
-    "messages",
-    "error",
-    "session_id",
-    "task_name",
-    "timestamp",
-    "response_id",
-    "result",
-]
-
 DEVICE_GONE = "Task was cancelled because target device disconnected"
 REQUESTER_GONE = "Task was cancelled because the requesting client disconnected"
 SHUTTING_DOWN = "Server shutting down"
-
-
-def is_uuid4(value: object) -> bool:
-    return isinstance(value, str) and UUID4.match(value) is not None
 
 
 def cmd(tool_name: str, tool_type: str = "action", **parameters: Any) -> dict[str, Any]:

@@ -81,6 +81,17 @@ def test_smoke_against_ufo_trio(tmp_path: Path) -> None:
     assert tasks["device_task_ends"] == 22  # 2 warm-up tasks + 20 measured, END-1
     big = results["bigresult-256KiB"]["ufo_trio"][0]
     assert big["tasks"] == 2
+    # Issue 13: the TLS scenarios run ufo_trio over ws:// and over wss:// in the same run.
+    for kind in ("ufo_trio", "ufo_trio+tls"):
+        hb_tls = results["heartbeat-10-tls"][kind][0]
+        assert "error" not in hb_tls
+        assert hb_tls["errors"] == 0
+        assert hb_tls["round_trips"] > 0
+        idle_tls = results["idle-20-tls"][kind][0]
+        assert [c["registered"] for c in idle_tls["cycles"]] == [20, 20]
+        assert hb_tls["server_exit"] == idle_tls["server_exit"] == 0
+    assert "| heartbeat ×10 (TLS) | server CPU µs / round trip |" in record["table"]
+    assert "| ufo_trio ws:// | ufo_trio wss:// |" in record["table"]
 
 
 def test_client_codec_round_trip() -> None:

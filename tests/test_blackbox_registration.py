@@ -15,14 +15,11 @@ import pytest
 import trio
 import trio.testing
 from blackbox_helpers import KEYS, WAIT, check_frame, is_uuid4
+from wire_helpers import wire_client
 
 from ufo_trio.testing import RawClient, connect, open_memory_server, open_server
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-    from contextlib import AbstractAsyncContextManager
-
-    from conftest import WsprotoPeer
 
     from ufo_trio._server import Server
 
@@ -313,18 +310,17 @@ async def heartbeat_acked_as(client: RawClient, client_id: str, client_type: str
 
 
 async def test_duplicate_probe_silent_peer_real_socket_sec5_dup4(
-    wsproto_peer: Callable[..., AbstractAsyncContextManager[WsprotoPeer]],
 ) -> None:
     """SEC-5 / DUP-4 under `probe` with S1 silent (a raw client that has stopped reading, so
     pings go unanswered): after min(ping-timeout, 5 s) S2 is confirmed (DUP-3), and S1's
     registry entry is gone. A short ping timeout keeps the real wait small."""
-    async with open_server(ping_timeout=0.2) as server, wsproto_peer(server.port) as s1:
+    async with open_server(ping_timeout=0.2) as server, wire_client(server.port) as s1:
         with trio.fail_after(WAIT):
-            await s1.send_json(
+            await s1.send(
                 {"type": "register", "status": "ok", "client_type": "device",
                  "client_id": "shadowed-device"}
             )  # fmt: skip
-            check_confirmation(await s1.recv_json())
+            check_confirmation(await s1.recv())
             # From here on s1 never reads again.
             async with connect(server.url) as s2:
                 start = trio.current_time()

@@ -3,7 +3,7 @@ AUTH-1/2, SEC-11/12), binary and oversize frames (DISP-2, LIM-1, SEC-13) and con
 
 Written from PROTOCOL.md §2, §3.4 and §8, not from the server code. HTTP is spoken with h11 over
 a plain TCP stream and WebSocket with trio-websocket or, where frames must be built by hand,
-wsproto (the `wsproto_peer` fixture).
+the wsproto-driven `WireClient` of wire_helpers.
 """
 
 from __future__ import annotations
@@ -17,18 +17,13 @@ import pytest
 import trio
 import trio.testing
 from blackbox_helpers import WAIT
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
+from wire_helpers import WireClient, wire_client
+from wsproto.events import AcceptConnection, TextMessage
 from wsproto.extensions import PerMessageDeflate
 
 from ufo_trio.testing import TEST_KEY, connect, open_memory_server, open_server
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-    from contextlib import AbstractAsyncContextManager
-
-    from conftest import WsprotoPeer
-
     from ufo_trio._server import Server
 
 async def http_get(
@@ -71,34 +66,20 @@ async def rejected_status(
 ) -> tuple[int, bytes]:
     """The HTTP status and body of a refused WebSocket handshake.
 
-    The handshake is driven with wsproto: trio-websocket's client raises `ConnectionRejected`
-    but never closes its socket, which `filterwarnings=error` turns into a failure.
+    The handshake is driven by `WireClient`: trio-websocket's client raises
+    `ConnectionRejected` but never closes its socket, which `filterwarnings=error` turns into a
+    failure.
     """
     parts = urllib.parse.urlsplit(url)
     target = parts.path + (f"?{parts.query}" if parts.query else "")
     if token is not None:
         target += ("&" if parts.query else "?") + "token=" + urllib.parse.quote(token)
-    ws = WSConnection(ConnectionType.CLIENT)
     stream = await trio.open_tcp_stream("127.0.0.1", parts.port or 80)
-    async with stream:
-        request = Request(host=parts.netloc, target=target, extra_headers=headers or [])
-        await stream.send_all(ws.send(request))
-        status, body = 0, b""
-        while True:
-            for event in ws.events():
-                if isinstance(event, AcceptConnection):
-                    raise AssertionError(f"the handshake was accepted: {target}")
-                if isinstance(event, RejectConnection):
-                    status = event.status_code
-                    if not event.has_body:
-                        return status, body
-                elif isinstance(event, RejectData):
-                    body += event.data
-                    if event.body_finished:
-                        return status, body
-            data = await stream.receive_some(65536)
-            assert data, "closed without a response"
-            ws.receive_data(data)
+    answer = await WireClient.handshake(stream, parts.netloc, target, headers)
+    if isinstance(answer, WireClient):
+        await trio.aclose_forcefully(stream)
+        raise AssertionError(f"the handshake was accepted: {target}")
+    return answer.status, answer.body
 
 
 async def registers(url: str, client_id: str = "dev-1", **kwargs: Any) -> None:
@@ -205,24 +186,12 @@ async def test_no_extension_or_subprotocol_is_negotiated_wire1() -> None:
     """WIRE-1: permessage-deflate is not negotiated and no sub-protocol is selected, even when
     the client offers them."""
     async with open_server() as server:
-        with trio.fail_after(WAIT):
-            ws = WSConnection(ConnectionType.CLIENT)
-            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-            async with stream:
-                request = Request(
-                    host=f"127.0.0.1:{server.port}",
-                    target=f"/ws?token={TEST_KEY}",
-                    extensions=[PerMessageDeflate()],
-                    subprotocols=["aip"],
-                )
-                await stream.send_all(ws.send(request))
-                accepted = None
-                while accepted is None:
-                    ws.receive_data(await stream.receive_some(65536))
-                    accepted = next(iter(ws.events()), None)
-                assert isinstance(accepted, AcceptConnection)
-                assert accepted.extensions == []
-                assert accepted.subprotocol is None
+        offer = {"extensions": [PerMessageDeflate()], "subprotocols": ["aip"]}
+        async with wire_client(server.port, **offer) as client:
+            accepted = client.accepted
+            assert isinstance(accepted, AcceptConnection)
+            assert accepted.extensions == []
+            assert accepted.subprotocol is None
 
 
 async def test_slow_handshake_is_dropped_lim2_sec14() -> None:
@@ -318,28 +287,28 @@ async def test_message_size_limit_lim1_sec13() -> None:
 
 
 async def test_fragmented_message_size_limit_lim1_sec13(
-    wsproto_peer: Callable[..., AbstractAsyncContextManager[WsprotoPeer]],
 ) -> None:
     """LIM-1 / SEC-13: the limit is summed over fragments. A heartbeat in three fragments is
     acked (WIRE-1: one message); a message of many small fragments that adds up to more than
     `--max-message-size` gets close 1009 and cleanup."""
-    async with open_server(max_message_size=1024) as server, wsproto_peer(server.port) as peer:
+    async with open_server(max_message_size=1024) as server, wire_client(server.port) as peer:
         with trio.fail_after(WAIT):
-            await peer.send_json({"type": "register", "status": "ok", "client_id": "dev-1"})
-            assert (await peer.recv_json())["status"] == "ok"
+            await peer.send({"type": "register", "status": "ok", "client_id": "dev-1"})
+            assert (await peer.recv())["status"] == "ok"
             heartbeat = json.dumps({"type": "heartbeat", "status": "ok"})
-            await peer.send_text(heartbeat[:5], finished=False)
-            await peer.send_text(heartbeat[5:15], finished=False)
-            await peer.send_text(heartbeat[15:])
-            assert (await peer.recv_json())["type"] == "heartbeat"
+            await peer.send_raw(TextMessage(data=heartbeat[:5], message_finished=False))
+            await peer.send_raw(TextMessage(data=heartbeat[5:15], message_finished=False))
+            await peer.send(heartbeat[15:])
+            assert (await peer.recv())["type"] == "heartbeat"
             try:
-                await peer.send_text('{"type":"heartbeat","status":"ok","pad":"', finished=False)
+                start = '{"type":"heartbeat","status":"ok","pad":"'
+                await peer.send_raw(TextMessage(data=start, message_finished=False))
                 for _ in range(40):  # 40 × 64 bytes, each fragment far below the limit
-                    await peer.send_text("y" * 64, finished=False)
-                await peer.send_text('"}')
+                    await peer.send_raw(TextMessage(data="y" * 64, message_finished=False))
+                await peer.send('"}')
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the server may already have closed the socket
-            assert await peer.close_code() == 1009
+            assert (await peer.wait_closed()).code == 1009
             await trio.testing.wait_all_tasks_blocked()
             assert server.registry.online_ids() == []
 
@@ -372,38 +341,37 @@ BAD_FRAMES = [
 
 @pytest.mark.parametrize(("frame", "code"), BAD_FRAMES)
 async def test_bad_frame_ends_connection_and_cleans_up(
-    wsproto_peer: Callable[..., AbstractAsyncContextManager[WsprotoPeer]], frame: bytes, code: int
+    frame: bytes, code: int
 ) -> None:
     """§2.3 / DC-1: invalid UTF-8 or a WebSocket protocol violation ends the connection, and the
     registered id is cleaned up. (The close code is checked apart, below.)"""
-    async with open_server() as server, wsproto_peer(server.port) as peer:
+    async with open_server() as server, wire_client(server.port) as peer:
         with trio.fail_after(WAIT):
-            await peer.send_json({"type": "register", "status": "ok", "client_id": "dev-1"})
-            assert (await peer.recv_json())["status"] == "ok"
+            await peer.send({"type": "register", "status": "ok", "client_id": "dev-1"})
+            assert (await peer.recv())["status"] == "ok"
             await peer.stream.send_all(frame)
-            assert await peer.close_code() in (code, None)
+            assert (await peer.wait_closed()).code in (code, None)
             await trio.testing.wait_all_tasks_blocked()
             assert server.registry.online_ids() == []
 
 
 @pytest.mark.parametrize(("frame", "code"), BAD_FRAMES)
 async def test_bad_frame_close_code(
-    wsproto_peer: Callable[..., AbstractAsyncContextManager[WsprotoPeer]], frame: bytes, code: int
+    frame: bytes, code: int
 ) -> None:
     """§2.3: invalid UTF-8 is answered with close 1007, a protocol violation with 1002."""
-    async with open_server() as server, wsproto_peer(server.port) as peer:
+    async with open_server() as server, wire_client(server.port) as peer:
         with trio.fail_after(WAIT):
-            await peer.send_json({"type": "register", "status": "ok", "client_id": "dev-1"})
-            assert (await peer.recv_json())["status"] == "ok"
+            await peer.send({"type": "register", "status": "ok", "client_id": "dev-1"})
+            assert (await peer.recv())["status"] == "ok"
             await peer.stream.send_all(frame)
-            assert await peer.close_code() == code
+            assert (await peer.wait_closed()).code == code
 
 
 # --- leak checks ---------------------------------------------------------------------------------
 
 
 async def test_no_leaks_after_many_connections_real_socket(
-    wsproto_peer: Callable[..., AbstractAsyncContextManager[WsprotoPeer]],
 ) -> None:
     """DC-1 / DC-4 / STYLE 19: after 50 connect/register/disconnect cycles (clean closes,
     abrupt TCP closes and rejected registrations) the registry is empty and the server's
@@ -416,11 +384,11 @@ async def test_no_leaks_after_many_connections_real_socket(
             baseline = len(nursery.child_tasks)
             for i in range(50):
                 if i % 5 == 0:
-                    async with wsproto_peer(server.port) as peer:  # abrupt close at exit
-                        await peer.send_json(
+                    async with wire_client(server.port) as peer:  # abrupt close at exit
+                        await peer.send(
                             {"type": "register", "status": "ok", "client_id": f"d-{i}"}
                         )
-                        assert (await peer.recv_json())["status"] == "ok"
+                        assert (await peer.recv())["status"] == "ok"
                 elif i % 5 == 1:
                     async with connect(server.url) as client:
                         await client.send({"type": "heartbeat", "status": "ok"})

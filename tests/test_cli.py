@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
+from process_helpers import WAIT, cli_process
 
 from ufo_trio.testing import connect
 
@@ -26,8 +27,6 @@ if TYPE_CHECKING:
 
     from ufo_trio.testing import RawClient
 
-#: Generous bound on start-up and exit (a cold interpreter on a busy CI machine).
-WAIT = 30.0
 LINE = re.compile(
     r"ufo_trio (?P<version>\S+) listening on (?P<url>ws://127\.0\.0\.1:(?P<port>\d+)/ws)(?P<rest>.*)"
 )
@@ -38,16 +37,6 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("UFO_TRIO_")}
     env.update(extra)
     return env
-
-
-async def read_line(stream: trio.abc.ReceiveStream) -> str:
-    data = b""
-    while b"\n" not in data:
-        chunk = await stream.receive_some(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data.decode().partition("\n")[0]
 
 
 class Running:
@@ -73,24 +62,9 @@ async def ufo_trio_process(
     """Start `python -m ufo_trio ARGS`, read its start-up line; kill it on exit if still up."""
     stderr = tmp_path / "stderr.txt"
     with stderr.open("wb") as err:
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "ufo_trio", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            env=env if env is not None else clean_env(),
-        )
-    assert process.stdout is not None
-    try:
-        with trio.fail_after(WAIT):
-            line = await read_line(process.stdout)  # CLAR-5: flushed at once, even to a pipe
-        yield Running(process, line, stderr)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            with trio.move_on_after(WAIT, shield=True):
-                await process.wait()
-        await process.stdout.aclose()
+        env = env if env is not None else clean_env()
+        async with cli_process(*args, env=env, stderr=err) as (process, line):
+            yield Running(process, line, stderr)
 
 
 async def register_and_heartbeat(client: RawClient) -> None:

@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 from functools import partial
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import pytest
 import trio
+from process_helpers import cli_process
 
 from ufo_trio import ServerConfig, serve
 from ufo_trio.client import default_tools, list_clients, open_device
@@ -276,24 +276,12 @@ async def test_device_command_wrong_key_and_sigterm(nursery: trio.Nursery) -> No
             "key is wrong or missing (or the Origin is not allowed)"
         ]
 
-        process = await trio.lowlevel.open_process(
-            [*base, "--tools", "examples/minimal_device.py:tools"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**env, "UFO_TRIO_API_KEY": KEY},
-            cwd=ROOT,
-        )
-        try:
-            assert process.stdout is not None
-            banner = b""
-            while b"\n" not in banner:
-                chunk = await process.stdout.receive_some(4096)
-                assert chunk
-                banner += chunk
-            assert b"device 'cli-dev' connected to" in banner
-            assert b"word_count" in banner
+        async with cli_process(
+            "device", "--url", server.url, "--id", "cli-dev",
+            "--tools", "examples/minimal_device.py:tools",
+            env={**env, "UFO_TRIO_API_KEY": KEY}, cwd=ROOT,
+        ) as (process, banner):  # fmt: skip
+            assert "device 'cli-dev' connected to" in banner
+            assert "word_count" in banner
             process.send_signal(signal.SIGTERM)
             assert await process.wait() == 0
-        finally:
-            if process.returncode is None:
-                process.kill()
-                with trio.CancelScope(shield=True):
-                    await process.wait()

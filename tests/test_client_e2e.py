@@ -12,13 +12,13 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
+from process_helpers import cli_process
 
 from ufo_trio import ServerConfig, serve
 from ufo_trio.client import (
@@ -492,43 +492,30 @@ async def test_device_process_goes_away_mid_task(nursery: trio.Nursery) -> None:
     )
     env = {**os.environ, "UFO_TRIO_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
     with trio.fail_after(60):
-        device = await trio.lowlevel.open_process(
-            [python, "-m", "ufo_trio", "device", "--id", "proc-dev", "--url", server.url,
-             "--allow-command", python, "--heartbeat-interval", "0"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env=env,
-        )
         try:
-            assert device.stdout is not None
-            banner = b""
-            while b"\n" not in banner:
-                chunk = await device.stdout.receive_some(4096)
-                assert chunk, "device exited before registering"
-                banner += chunk
-            assert b"device 'proc-dev' connected" in banner
+            async with cli_process(
+                "device", "--id", "proc-dev", "--url", server.url,
+                "--allow-command", python, "--heartbeat-interval", "0", env=env,
+            ) as (device, banner):  # fmt: skip
+                assert "device 'proc-dev' connected" in banner
 
-            async with open_constellation(server.url, "orch", api_key=KEY) as c:
-                outcome: list[Any] = []
+                async with open_constellation(server.url, "orch", api_key=KEY) as c:
+                    outcome: list[Any] = []
 
-                async def run() -> None:
-                    plan = Plan.of(
-                        Command(tool_name="run_command", parameters={"command": [python, "-c", blocker]})
-                    )
-                    outcome.append(await c.run_task("proc-dev", plan))
+                    async def run() -> None:
+                        plan = Plan.of(
+                            Command(tool_name="run_command", parameters={"command": [python, "-c", blocker]})
+                        )
+                        outcome.append(await c.run_task("proc-dev", plan))
 
-                async with trio.open_nursery() as tasks:
-                    tasks.start_soon(run)
-                    conn, _ = await probe.accept()  # the tool is running now
-                    device.send_signal(signal.SIGKILL)
-                await device.wait()
-                conn.close()
-            assert outcome[0].status == "failed"
-            assert outcome[0].error == "Task was cancelled because target device disconnected"
-            assert outcome[0].result is None
+                    async with trio.open_nursery() as tasks:
+                        tasks.start_soon(run)
+                        conn, _ = await probe.accept()  # the tool is running now
+                        device.send_signal(signal.SIGKILL)
+                    await device.wait()
+                    conn.close()
+                assert outcome[0].status == "failed"
+                assert outcome[0].error == "Task was cancelled because target device disconnected"
+                assert outcome[0].result is None
         finally:
             probe.close()
-            if device.returncode is None:
-                device.kill()
-            with trio.move_on_after(10, shield=True):
-                await device.wait()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import random
-import uuid
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from blackbox_helpers import is_uuid4
 from trio_websocket import (
     ConnectionClosed,
     WebSocketConnection,
@@ -63,13 +63,6 @@ async def receive(ws: WebSocketConnection) -> dict[str, Any]:
     assert isinstance(message, str)
     frame: dict[str, Any] = json.loads(message)
     return frame
-
-
-def is_uuid4(text: Any) -> bool:
-    try:
-        return isinstance(text, str) and uuid.UUID(text).version == 4
-    except ValueError:
-        return False
 
 
 # ------------------------------------------------------------------------------- device frames

@@ -14,6 +14,7 @@ import json
 import re
 from typing import Any
 
+from blackbox_helpers import CLIENT_TYPES, KEYS, STATUSES, TIMESTAMP
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -29,22 +30,12 @@ from ufo_trio._messages import (
     ToolType,
 )
 
-CLIENT_TYPES = [
-    "task", "heartbeat", "command_results", "error", "register", "task_end",
-    "device_info_request", "device_info_response",
-]  # fmt: skip
-STATUSES = ["continue", "completed", "failed", "ok", "error"]
 RESULT_STATUSES = ["success", "failure", "skipped", "none"]
 STRING_FIELDS = [
     "session_id", "task_name", "client_id", "target_id", "request", "timestamp", "request_id",
     "prev_response_id", "error",
 ]  # fmt: skip
 KNOWN = {"type", "status", "client_type", "action_results", "metadata", *STRING_FIELDS}
-KEYS = [
-    "type", "status", "user_request", "agent_name", "process_name", "root_name", "actions",
-    "messages", "error", "session_id", "task_name", "timestamp", "response_id", "result",
-]  # fmt: skip
-TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?\+00:00")
 INVALID = "Invalid message: "
 UNKNOWN = "Unknown message type: "
 MARKER = "\u27e6"  # never part of a server-written error text
@@ -280,7 +271,7 @@ def test_encode_server_message_shape_wire3_wire5_wire7(msg: ServerMessage) -> No
     text.encode("utf-8")
     frame = json.loads(text)
     assert text == json.dumps(frame, separators=(",", ":"))
-    assert list(frame) == KEYS + list(msg.extra or {})
+    assert list(frame) == [*KEYS, *(msg.extra or {})]
     assert frame["type"] == msg.type.value
     assert frame["status"] == msg.status.value
     assert frame["messages"] is None

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
+from blackbox_helpers import CLIENT_TYPES, STATUSES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from wire_helpers import (
@@ -56,11 +57,6 @@ SELF = "$SELF"  # replaced by the example's own client id
 COUNTS = {"websocket": 0, "http": 0}
 SEEN: collections.Counter[str] = collections.Counter()
 
-CLIENT_TYPES = [
-    "task", "heartbeat", "command_results", "error", "register", "task_end",
-    "device_info_request", "device_info_response",
-]  # fmt: skip
-STATUSES = ["continue", "completed", "failed", "ok", "error"]
 ERROR_CODES = {
     "invalid_message", "unknown_type", "not_registered", "invalid_registration",
     "registration_timeout", "unknown_target", "duplicate_client_id", "identity_mismatch",

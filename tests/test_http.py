@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import trio
 import trio.testing
+from blackbox_helpers import KEYS, is_uuid4
 from wire_helpers import (
-    FRAME_KEYS,
     WireClient,
     close_leftovers,
     http_request,
@@ -48,13 +48,6 @@ WIRE7 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?\+00:00")
 def _close_clients() -> Iterator[None]:
     yield
     close_leftovers()
-
-
-def is_uuid4(value: Any) -> bool:
-    try:
-        return isinstance(value, str) and str(uuid.UUID(value, version=4)) == value
-    except ValueError:
-        return False
 
 
 async def get(server: Server, path: str, **kwargs: Any) -> tuple[int, Any]:
@@ -308,7 +301,7 @@ async def test_dispatch_queues_the_task_assignment_frame_http3() -> None:
         assert is_uuid4(body["session_id"])
         frame = await dev.recv()
         assert isinstance(frame, dict)
-        assert tuple(frame) == FRAME_KEYS
+        assert tuple(frame) == KEYS
         assert frame["type"] == "task"
         assert frame["status"] == "continue"
         assert frame["user_request"] == "open notepad"

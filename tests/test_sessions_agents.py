@@ -17,17 +17,16 @@ from agents_for_tests import (
     GATE,
     NO_STEPS,
     ONE_STEP,
-    SERVER_KEYS,
     World,
     answer,
     barrier,
     cmd,
     constellation_task,
     device_task,
-    is_uuid4,
     plan,
     world,
 )
+from blackbox_helpers import KEYS, is_uuid4
 
 NOT_SERIALISABLE = "Agent returned a non-JSON-serialisable result"
 
@@ -331,7 +330,7 @@ async def test_end4_outcomes_of_a_custom_agent(
         assert (await galaxy.recv())["type"] == "heartbeat"
         copies = [_strict_json(await c.ws.get_message()) for c in (galaxy, dev)]
         for frame in copies:
-            assert list(frame) == SERVER_KEYS
+            assert tuple(frame) == KEYS
             assert (frame["type"], frame["session_id"], frame["task_name"]) == (
                 "task_end", "s1", "custom"
             )

@@ -29,9 +29,9 @@ from agents_for_tests import (
     constellation_task,
     device_task,
     frames_until_closed,
-    is_uuid4,
     plan,
 )
+from blackbox_helpers import is_uuid4
 
 from ufo_trio._connection import Connection
 from ufo_trio.testing import MemoryServer, RawClient, open_memory_server

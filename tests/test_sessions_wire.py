@@ -20,7 +20,6 @@ from agents_for_tests import (
     FACTORY_CALLS,
     GATE,
     NO_STEPS,
-    SERVER_KEYS,
     SHUTTING_DOWN,
     UNSUPPORTED,
     World,
@@ -30,10 +29,10 @@ from agents_for_tests import (
     constellation_task,
     device_task,
     frames_until_closed,
-    is_uuid4,
     plan,
     world,
 )
+from blackbox_helpers import KEYS, is_uuid4
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +50,7 @@ def assert_error(
     request_id: str | None = None,
 ) -> None:
     """WIRE-9: an ERROR frame with its code, the echoed session_id and response_id."""
-    assert list(frame) == [*SERVER_KEYS, "code"]
+    assert tuple(frame) == (*KEYS, "code")
     assert (frame["type"], frame["status"]) == ("error", "error")
     assert (frame["error"], frame["code"]) == (error, code)
     assert frame["session_id"] == session_id
@@ -63,7 +62,7 @@ def assert_error(
 
 def assert_fail_fast(frame: dict[str, Any], session_id: str, error: str) -> None:
     """TASK-9: the fail-fast TASK_END that follows a rejected constellation TASK."""
-    assert list(frame) == SERVER_KEYS
+    assert tuple(frame) == KEYS
     assert (frame["type"], frame["status"]) == ("task_end", "failed")
     assert (frame["session_id"], frame["error"]) == (session_id, error)
     assert frame["result"] is None
@@ -96,7 +95,7 @@ async def test_example_a_device_self_task() -> None:
              "metadata": {"platform": "linux"}}
         )
         ack = await dev.recv()
-        assert list(ack) == SERVER_KEYS
+        assert tuple(ack) == KEYS
         assert (ack["type"], ack["status"]) == ("heartbeat", "ok")
         session_id = ack["session_id"]
         assert is_uuid4(session_id)
@@ -106,7 +105,7 @@ async def test_example_a_device_self_task() -> None:
         assert ack["result"] is None
 
         command = await dev.recv()
-        assert list(command) == SERVER_KEYS
+        assert tuple(command) == KEYS
         assert (command["type"], command["status"]) == ("command", "continue")
         assert command["agent_name"] == "LinuxAgent"
         assert command["process_name"] is None
@@ -131,7 +130,7 @@ async def test_example_a_device_self_task() -> None:
              "request_id": "q-2", "prev_response_id": r1}
         )
         task_end = await dev.recv()
-        assert list(task_end) == SERVER_KEYS
+        assert tuple(task_end) == KEYS
         assert (task_end["type"], task_end["status"]) == ("task_end", "completed")
         assert task_end["session_id"] == session_id
         assert task_end["task_name"] == "list_tools"
@@ -270,7 +269,7 @@ async def test_example_b_constellation_fail_stop() -> None:
         to_galaxy = await galaxy.recv()
         to_device = await dev.recv()
         for frame in (to_galaxy, to_device):
-            assert list(frame) == SERVER_KEYS
+            assert tuple(frame) == KEYS
             assert (frame["type"], frame["status"]) == ("task_end", "failed")
             assert (frame["session_id"], frame["task_name"]) == (
                 "demo@task-1", "galaxy_demo_task-1"

@@ -6,8 +6,9 @@ HTTP or WebSocket code, so a bug shared by server and helper cannot hide.
 
 * `http_request` / `HttpClient`: one request per connection, or several on a kept-alive one;
 * `raw_http`: send arbitrary bytes, read until the server closes, parse what came back;
-* `WireClient`: a WebSocket client that can also send fragments and binary frames, stop reading,
-  and reset its TCP connection;
+* `WireClient`: the suite's hand-driven WebSocket client: it can send fragments, binary frames
+  and raw bytes, stop reading (so it never answers a ping), and reset its TCP connection;
+  `wire_client` opens one for an `async with` block;
 * `fd_count`, `task_count`: leak checks.
 """
 
@@ -26,6 +27,7 @@ import attrs
 import h11
 import trio
 import trio.testing
+from blackbox_helpers import KEYS, STATUSES, WAIT
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -44,11 +46,9 @@ from ufo_trio.testing import TEST_KEY
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
+    from wsproto.extensions import Extension
+
     from ufo_trio._server import Server
-
-#: Bound on any single wait in these helpers; a hang fails the test instead of the run.
-WAIT = 10.0
-
 
 # ----------------------------------------------------------------------------------------- HTTP
 
@@ -284,6 +284,8 @@ class WireClient:
         self._text: list[str] = []
         self._bytes: list[bytes] = []
         self.closed: Closed | None = None
+        #: The server's acceptance of the handshake (what was negotiated).
+        self.accepted: AcceptConnection | None = None
 
     @classmethod
     async def open(
@@ -293,12 +295,21 @@ class WireClient:
         token: str | None = TEST_KEY,
         target: str | None = None,
         headers: list[tuple[bytes, bytes]] | None = None,
+        extensions: list[Extension] | None = None,
+        subprotocols: list[str] | None = None,
     ) -> WireClient | Rejected:
         """Connect and handshake; returns the client, or `Rejected` with the HTTP status."""
         if target is None:
             target = "/ws" if token is None else f"/ws?token={urllib.parse.quote(token)}"
         stream = await trio.open_tcp_stream("127.0.0.1", port)
-        return await cls.handshake(stream, f"127.0.0.1:{port}", target, headers)
+        return await cls.handshake(
+            stream,
+            f"127.0.0.1:{port}",
+            target,
+            headers,
+            extensions=extensions,
+            subprotocols=subprotocols,
+        )
 
     @classmethod
     async def handshake(
@@ -307,15 +318,28 @@ class WireClient:
         host: str = "localhost",
         target: str = f"/ws?token={TEST_KEY}",
         headers: list[tuple[bytes, bytes]] | None = None,
+        *,
+        extensions: list[Extension] | None = None,
+        subprotocols: list[str] | None = None,
     ) -> WireClient | Rejected:
-        """The opening handshake over an already connected stream (TCP or in-memory)."""
+        """The opening handshake over an already connected stream (TCP or in-memory).
+
+        `extensions` and `subprotocols` are offered to the server; `accepted` shows the answer.
+        """
         client = cls(stream)
         try:
             with trio.fail_after(WAIT):
-                request = Request(host=host, target=target, extra_headers=headers or [])
+                request = Request(
+                    host=host,
+                    target=target,
+                    extra_headers=headers or [],
+                    extensions=extensions or [],
+                    subprotocols=subprotocols or [],
+                )
                 await stream.send_all(client.ws.send(request))
                 event = await client._event()
                 if isinstance(event, AcceptConnection):
+                    client.accepted = event
                     return client
                 assert isinstance(event, RejectConnection), event
                 status = event.status_code
@@ -462,6 +486,20 @@ class WireClient:
         sock.close()
 
 
+@asynccontextmanager
+async def wire_client(port: int, **kwargs: Any) -> AsyncIterator[WireClient]:
+    """A `WireClient` whose handshake must succeed (keywords as for `WireClient.open`).
+
+    On exit the TCP connection is simply closed, with no close frame: an abrupt disconnect.
+    """
+    client = await WireClient.open(port, **kwargs)
+    assert isinstance(client, WireClient), client
+    try:
+        yield client
+    finally:
+        await trio.aclose_forcefully(client.stream)
+
+
 async def memory_client(
     server: Server, *, lockstep: bool = False, target: str = f"/ws?token={TEST_KEY}"
 ) -> WireClient:
@@ -536,20 +574,15 @@ async def wait_quiescent(server: Server, within: float = WAIT) -> None:
         await trio.testing.wait_all_tasks_blocked()
 
 
-FRAME_KEYS = (
-    "type", "status", "user_request", "agent_name", "process_name", "root_name", "actions",
-    "messages", "error", "session_id", "task_name", "timestamp", "response_id", "result",
-)  # fmt: skip
 SERVER_TYPES = {
     "task", "heartbeat", "task_end", "command", "error", "device_info_request",
     "device_info_response",
 }  # fmt: skip
-STATUSES = {"continue", "completed", "failed", "ok", "error"}
 
 
 def assert_server_frame(frame: dict[str, Any]) -> None:
     """WIRE-3: all 14 keys in order, then extras; valid `type` and `status` (COMPAT-4)."""
-    assert tuple(frame)[: len(FRAME_KEYS)] == FRAME_KEYS, frame
+    assert tuple(frame)[: len(KEYS)] == KEYS, frame
     assert frame["type"] in SERVER_TYPES, frame
     assert frame["status"] in STATUSES, frame
     assert isinstance(frame["timestamp"], str), frame

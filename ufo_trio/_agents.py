@@ -11,7 +11,7 @@ import cattrs
 
 from ._codec import converter
 from ._errors import ConfigError, UfoTrioError
-from ._messages import Command, Result, ResultStatus
+from ._messages import ClientType, Command, Result, ResultStatus
 
 if TYPE_CHECKING:
     import logging
@@ -48,7 +48,8 @@ class SessionContext(Protocol):
     request: str
     platform: str
     requester_id: str
-    requester_type: str
+    #: The requester's role; a `StrEnum`, so it equals (and serialises as) its wire string.
+    requester_type: ClientType
     executor_id: str
     log: logging.LoggerAdapter[logging.Logger]
 

@@ -107,6 +107,9 @@ _SERVE_FLAGS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("--send-timeout", _seconds, SEND_TIMEOUT, "seconds to write or queue one outbound frame"),
     ("--max-header-size", _size, MAX_HEADER_SIZE, "largest HTTP request head in bytes; more get 431"),
     ("--max-body-size", _size, MAX_BODY_SIZE, "largest HTTP request body in bytes; more get 413"),
+    # Built-in TLS (docs/operations.md "TLS"): both or neither; SIGHUP reloads the pair.
+    ("--tls-cert", str, None, "PEM certificate chain: serve wss:// and https:// on the port"),
+    ("--tls-key", str, None, "PEM private key of --tls-cert"),
 ]
 
 
@@ -177,7 +180,11 @@ def _startup_line(server: Server) -> str:
 
 
 async def _serve_until_signalled(config: ServerConfig) -> int:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # SIGHUP reloads the TLS certificate; without TLS it keeps its default meaning (stop).
+    wanted = [signal.SIGINT, signal.SIGTERM]
+    if config.tls_cert is not None:
+        wanted.append(signal.SIGHUP)
+    with trio.open_signal_receiver(*wanted) as signals:
         async with trio.open_nursery() as nursery:
             try:
                 server: Server = await nursery.start(serve, config)
@@ -197,13 +204,18 @@ async def _serve_until_signalled(config: ServerConfig) -> int:
             gc.freeze()
 
             async def watch_signals() -> None:
+                log = logging.getLogger("ufo_trio")
                 async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if signum == signal.SIGHUP:
+                        log.info("received %s: reloading the TLS certificate", name)
+                        if server.tls is not None:
+                            await server.tls.reload()  # logs the outcome; never raises
+                        continue
                     if server.shutting_down:  # a second signal: stop now
                         nursery.cancel_scope.cancel()
                         return
-                    logging.getLogger("ufo_trio").info(
-                        "received %s", signal.Signals(signum).name
-                    )
+                    log.info("received %s", name)
                     server.request_shutdown()
 
             nursery.start_soon(watch_signals)

@@ -9,10 +9,11 @@ never contains input values (WIRE-6).
 from __future__ import annotations
 
 import datetime
+import enum
 import json
 import math
 import re
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import cattrs
 
@@ -34,20 +35,22 @@ from ._messages import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+_E = TypeVar("_E", bound=enum.Enum)
+
 __all__ = [
     "DecodeError",
     "converter",
     "decode_client_message",
     "encode_server_message",
     "parse_json_object",
+    "quoted",
+    "shown",
     "structure_client_message",
     "truncate",
 ]
 
 #: SCOPE-4: client-supplied text inserted into an error string is cut to this many characters.
 MAX_ECHO = 200
-
-_CLIENT_TYPES: Final = {t.value: t for t in ClientMessageType}
 
 
 def shown(value: str | None, limit: int = 80) -> str:
@@ -59,6 +62,11 @@ def shown(value: str | None, limit: int = 80) -> str:
 def truncate(text: str, limit: int = MAX_ECHO) -> str:
     """SCOPE-4: cut client-supplied text before it goes into an error string."""
     return text if len(text) <= limit else text[:limit]
+
+
+def quoted(value: str) -> str:
+    """A client-supplied id for an error string: `repr`, truncated first (SCOPE-4)."""
+    return repr(truncate(value))
 
 
 class DecodeError(UfoTrioError):
@@ -99,9 +107,19 @@ def _structure_dict(value: object, _: type) -> dict[str, Any]:
     return value
 
 
-def _enum_hook(enum_cls: type[Any]) -> Callable[[object, type], Any]:
-    members = {m.value: m for m in enum_cls}
+def _by_value(enum_cls: type[_E]) -> dict[str, _E]:
+    """Wire string → member: the one lookup table per enum, shared by both decode paths."""
+    return {m.value: m for m in enum_cls}
 
+
+_TYPES: Final = _by_value(ClientMessageType)
+_STATUSES: Final = _by_value(TaskStatus)
+_CLIENT_TYPES: Final = _by_value(ClientType)
+_RESULT_STATUSES: Final = _by_value(ResultStatus)
+_TOOL_TYPES: Final = _by_value(ToolType)
+
+
+def _enum_hook(members: dict[str, Any]) -> Callable[[object, type], Any]:
     def structure(value: object, _: type) -> Any:
         if type(value) is not str:
             raise _WrongType
@@ -137,8 +155,14 @@ def _object_only(cls: type[Any]) -> Callable[[object, type], Any]:
 
 converter.register_structure_hook(str, _structure_str)
 converter.register_structure_hook_func(lambda t: t == dict[str, Any], _structure_dict)
-for _enum in (ClientMessageType, TaskStatus, ClientType, ResultStatus, ToolType):
-    converter.register_structure_hook(_enum, _enum_hook(_enum))
+for _enum, _members in (
+    (ClientMessageType, _TYPES),
+    (TaskStatus, _STATUSES),
+    (ClientType, _CLIENT_TYPES),
+    (ResultStatus, _RESULT_STATUSES),
+    (ToolType, _TOOL_TYPES),
+):
+    converter.register_structure_hook(_enum, _enum_hook(_members))
 converter.register_structure_hook(Command, _object_only(Command))
 converter.register_structure_hook(Result, _object_only(Result))
 converter.register_structure_hook_func(lambda t: t == list[Command], _strict_list(Command))
@@ -147,10 +171,6 @@ converter.register_structure_hook_func(lambda t: t == list[Result], _strict_list
 #: cattrs' generated hook: validates every field and reports the first bad one with its path.
 _structure_client_detailed: Final = converter.get_structure_hook(ClientMessage)
 
-_TYPES: Final = {m.value: m for m in ClientMessageType}
-_STATUSES: Final = {m.value: m for m in TaskStatus}
-_CLIENT_TYPES_BY_VALUE: Final = {m.value: m for m in ClientType}
-_RESULT_STATUSES: Final = {m.value: m for m in ResultStatus}
 _STR_FIELDS: Final = (
     "session_id",
     "task_name",
@@ -202,7 +222,7 @@ def _structure_client_fast(obj: dict[str, Any], cl: type) -> ClientMessage:
     try:
         kind = _TYPES[obj["type"]]
         status = _STATUSES[obj["status"]]
-        client_type = _CLIENT_TYPES_BY_VALUE[get("client_type", "device")]
+        client_type = _CLIENT_TYPES[get("client_type", "device")]
         for name in _STR_FIELDS:
             value = get(name)
             if value is not None and type(value) is not str:
@@ -307,7 +327,7 @@ def decode_client_message(text: str) -> ClientMessage:
     if type(kind) is not str:
         problem = "field required" if "type" not in obj else "wrong type"
         raise DecodeError(f"Invalid message: type: {problem}", request_id=_request_id_of(obj))
-    if kind not in _CLIENT_TYPES:
+    if kind not in _TYPES:
         raise DecodeError(
             f"Unknown message type: {truncate(kind)}",
             code="unknown_type",

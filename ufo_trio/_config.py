@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 import attrs
 
 from ._errors import ConfigError
 
-DUPLICATE_POLICIES = ("probe", "reject", "takeover")
+
+class DuplicatePolicy(enum.StrEnum):
+    """`--duplicate-policy`: what a REGISTER for an id that is already online gets (§3.2)."""
+
+    PROBE = "probe"
+    REJECT = "reject"
+    TAKEOVER = "takeover"
+
+
+DUPLICATE_POLICIES = tuple(p.value for p in DuplicatePolicy)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 #: LIM-5: inbound frames queued per connection before the reader pauses.
@@ -68,6 +78,15 @@ def _upper(value: str) -> str:
     return value.upper()
 
 
+def _duplicate_policy(value: str) -> DuplicatePolicy:
+    try:
+        return DuplicatePolicy(value)
+    except ValueError:
+        raise ConfigError(
+            f"duplicate-policy must be one of {', '.join(DUPLICATE_POLICIES)}, got {value!r}"
+        ) from None
+
+
 @attrs.frozen(kw_only=True)
 class ServerConfig:
     """Everything `serve` needs. Defaults follow PROTOCOL.md §2 (EP-2).
@@ -86,7 +105,9 @@ class ServerConfig:
     heartbeat_timeout: float = attrs.field(default=0.0, validator=_non_negative)
     command_timeout: float = attrs.field(default=600.0, validator=_positive)
     max_message_size: int = attrs.field(default=100 * 1024 * 1024, validator=_positive)
-    duplicate_policy: str = attrs.field(default="probe", validator=_one_of(DUPLICATE_POLICIES))
+    duplicate_policy: DuplicatePolicy = attrs.field(
+        default=DuplicatePolicy.PROBE, converter=_duplicate_policy
+    )
     shutdown_grace: float = attrs.field(default=5.0, validator=_non_negative)
     log_level: str = attrs.field(default="INFO", converter=_upper, validator=_one_of(LOG_LEVELS))
     agent: str = "script"
@@ -105,3 +126,10 @@ class ServerConfig:
     message_burst: int = attrs.field(default=MESSAGE_BURST, validator=_positive)
     max_header_size: int = attrs.field(default=MAX_HEADER_SIZE, validator=_positive)
     max_body_size: int = attrs.field(default=MAX_BODY_SIZE, validator=_positive)
+    # Built-in TLS (docs/operations.md "TLS"): PEM certificate chain and private key, both or none.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls-cert and tls-key must be given together")

@@ -3,7 +3,8 @@
 Task layout (all children of the connection's nursery, nothing anywhere else):
 
 * trio-websocket's reader task: bytes → frames into a bounded queue (LIM-5);
-* the handler (the task that runs `Connection.run`): takes frames strictly in order (PROC-1);
+* the handler (the task that runs `Connection.run`): runs the protocol driver it was given
+  (`_handlers.AipHandler`), which takes frames strictly in order (PROC-1);
 * the pinger (LIVE-1/2) and, if enabled, the heartbeat watchdog (LIVE-3);
 * sessions whose executor is this connection (§4): cancelled when it goes away (DC-2).
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 import trio
@@ -28,9 +29,9 @@ from ._errors import ConnectionGone
 from ._messages import ServerMessage, ServerMessageType, TaskStatus, new_id
 
 if TYPE_CHECKING:
+    from ._context import ServerContext
     from ._registry import ClientEntry
-    from ._server import Server
-    from ._sessions import Session
+    from ._sessions import Session, SessionManager
     from ._websocket import ServerWebSocket
 
 log = logging.getLogger("ufo_trio")
@@ -45,11 +46,26 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+class Handler(Protocol):
+    """The protocol driver `Connection.run` is given (trio-websocket's "handler is a parameter").
+
+    It reads frames from `conn.ws`, calls `conn.registered(entry)` once registration succeeded
+    and returns when the connection should end; `run` does the teardown.
+    """
+
+    async def __call__(self, conn: Connection, /) -> None: ...
+
+
 @attrs.define(eq=False)
 class Connection:
-    """A WebSocket peer. Other tasks talk to it only through `send`, `probe` and `close`."""
+    """A WebSocket peer. Other tasks talk to it only through `send`, `probe` and `close`.
 
-    server: Server
+    It knows the shared `ServerContext` and the `SessionManager` (its teardown cancels its
+    sessions), never the `Server`.
+    """
+
+    context: ServerContext
+    sessions: SessionManager
     ws: ServerWebSocket
     stream: trio.abc.Stream
     nursery: trio.Nursery
@@ -87,18 +103,25 @@ class Connection:
         return self.state is State.REGISTERED and not self._main_scope.cancel_called
 
     # ------------------------------------------------------------------ sending
+    #
+    # One entry point per purpose, each with its state rule; all of them end in `_write`:
+    #
+    # * `send` / `send_text`  a protocol frame for a registered peer (only while `is_open`);
+    # * `send_confirmation`   the registration confirmation (only in AWAIT_REGISTER, REG-7);
+    # * `send_error`          an ERROR frame, in AWAIT_REGISTER or REGISTERED, best effort.
 
     async def send(self, msg: ServerMessage) -> None:
-        """Write one frame to the peer (PROC-2/3/4).
+        """Write one frame to a registered peer (PROC-2/3/4).
 
-        Raises `ConnectionGone` at once if the connection is not REGISTERED (closing or closed).
-        A frame that cannot be written within SEND_TIMEOUT closes the peer (4003) and raises
-        `ConnectionGone`.
+        State rule: only while the connection `is_open` (REGISTERED, no close decided); otherwise
+        raises `ConnectionGone` at once (PROC-3). A frame that cannot be written within
+        SEND_TIMEOUT closes the peer (4003) and raises `ConnectionGone`.
         """
         await self.send_text(encode_server_message(msg))
 
     async def send_text(self, text: str) -> None:
-        """`send` for a frame that is already encoded (e.g. one TASK_END for two recipients)."""
+        """`send` for a frame that is already encoded (the heartbeat ack, one TASK_END text for
+        two recipients). Same state rule; every frame for a registered peer passes here."""
         if not self.is_open:
             raise ConnectionGone(self.label)
         await self._write(text)
@@ -107,9 +130,10 @@ class Connection:
         # The connection's single send lock (PROC-2) is trio-websocket's stream lock, held for a
         # whole frame, so frames never interleave and each sender's frames go out in order. The
         # write cannot be cut in half by cancelling the sender; SEND_TIMEOUT (or the shutdown
-        # deadline) bounds it instead (see ServerWebSocket.send_frame).
-        server = self.server
-        deadline = min(trio.current_time() + server.config.send_timeout, server.hard_deadline)
+        # deadline) bounds it instead (see ServerWebSocket.send_frame). No state check here: the
+        # public entry points above make it.
+        context = self.context
+        deadline = min(trio.current_time() + context.config.send_timeout, context.shutdown.deadline)
         try:
             if await self.ws.send_frame(text, deadline):
                 return
@@ -119,10 +143,11 @@ class Connection:
         self.close(4003, "send timeout", abort=True)  # PROC-4: the frame may be half written
         raise ConnectionGone(self.label)
 
-    async def send_direct(self, msg: ServerMessage) -> None:
-        """Write a registration verdict (REG-7): the connection is not REGISTERED yet.
+    async def send_confirmation(self, msg: ServerMessage) -> None:
+        """Write the registration confirmation (REG-7), before the registry entry exists.
 
-        Raises `ConnectionGone` if it could not be written.
+        State rule: only in AWAIT_REGISTER (`send` would refuse: the connection is not
+        REGISTERED yet). Raises `ConnectionGone` if it is not, or if the write failed.
         """
         if self.state is not State.AWAIT_REGISTER:
             raise ConnectionGone(self.label)
@@ -136,7 +161,12 @@ class Connection:
         request_id: str | None = None,
         session_id: str | None = None,
     ) -> None:
-        """Send an ERROR frame (WIRE-9), ignoring a connection that is already going away."""
+        """Send an ERROR frame (WIRE-9).
+
+        State rule: in AWAIT_REGISTER (registration refusals, REG-2) or REGISTERED, even when a
+        close is already decided (the ERROR precedes its 1003/1008); a no-op once CLOSING. Never
+        raises `ConnectionGone`: a peer that is going away simply misses it.
+        """
         msg = ServerMessage(
             type=ServerMessageType.ERROR,
             status=TaskStatus.ERROR,
@@ -178,7 +208,7 @@ class Connection:
             self._activity_waiters.clear()
         if self._heartbeat_scope is not None:
             self._heartbeat_scope.deadline = (
-                trio.current_time() + self.server.config.heartbeat_timeout
+                trio.current_time() + self.context.config.heartbeat_timeout
             )
 
     async def probe(self, patience: float) -> bool:
@@ -218,7 +248,7 @@ class Connection:
                 self._activity_waiters.remove(alive)
 
     async def _pinger(self) -> None:
-        config = self.server.config
+        config = self.context.config
         while True:
             await trio.sleep(config.ping_interval)
             if not await self.probe(config.ping_timeout):
@@ -227,7 +257,7 @@ class Connection:
                 return
 
     async def _heartbeat_watchdog(self) -> None:
-        timeout = self.server.config.heartbeat_timeout
+        timeout = self.context.config.heartbeat_timeout
         with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
             self._heartbeat_scope = scope
             await trio.sleep_forever()
@@ -237,39 +267,43 @@ class Connection:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def run(self) -> None:
-        """Drive the connection from AWAIT_REGISTER to CLOSED. Returns when all is cleaned up."""
-        from ._handlers import handle_frames, register
+    async def run(self, handler: Handler) -> None:
+        """Drive the connection from AWAIT_REGISTER to CLOSED with the protocol driver `handler`.
 
+        Returns when all is cleaned up. `close` (from any task) cancels `handler`; the teardown
+        runs whatever way it ended.
+        """
         try:
             with self._main_scope:
-                entry = await register(self)
-                if entry is None:
-                    return
-                self.entry = entry
-                self.state = State.REGISTERED
-                if self.server.config.ping_interval > 0:
-                    self.nursery.start_soon(self._pinger)
-                if self.server.config.heartbeat_timeout > 0:
-                    self.nursery.start_soon(self._heartbeat_watchdog)
-                await handle_frames(self)
+                await handler(self)
         finally:
             await self._teardown()
 
+    def registered(self, entry: ClientEntry) -> None:
+        """AWAIT_REGISTER → REGISTERED (called by the handler once the entry is in the registry):
+        from now on `send` works, and the pinger and the heartbeat watchdog start."""
+        self.entry = entry
+        self.state = State.REGISTERED
+        config = self.context.config
+        if config.ping_interval > 0:
+            self.nursery.start_soon(self._pinger)
+        if config.heartbeat_timeout > 0:
+            self.nursery.start_soon(self._heartbeat_watchdog)
+
     async def _teardown(self) -> None:
         """DC-1…DC-5: runs exactly once, shielded, every await bounded."""
-        server = self.server
+        context = self.context
         registered = self.entry is not None and self.state is State.REGISTERED
         self.state = State.CLOSING
-        config = server.config
+        bounded = context.shutdown.bounded
         with trio.CancelScope(shield=True):
             if registered:
-                with server.bounded(config.send_timeout * 2):
-                    await server.sessions.connection_closing(self)
+                with bounded(context.config.send_timeout * 2):
+                    await self.sessions.connection_closing(self)
             # Frames are written before `send` returns, so whatever a handler or session sent
             # (ERROR before 1003, TASK_ENDs before 1001) is already out.
             if registered and self.entry is not None:
-                server.registry.remove(self.entry)  # DC-4: only our own epoch
+                context.registry.remove(self.entry)  # DC-4: only our own epoch
                 log.info(
                     "%s disconnected: %s",
                     self.label,
@@ -279,9 +313,9 @@ class Connection:
             if not self._abort and self.close_code is not None:
                 # A peer that missed its pings will not answer the closing handshake either.
                 patience = 1.0 if self.close_code in _DEAD_PEER_CODES else CLOSE_TIMEOUT
-                with server.bounded(patience):
+                with bounded(patience):
                     await self.ws.aclose(self.close_code, self.close_reason or None)
-            with server.bounded(1.0):
+            with bounded(1.0):
                 await trio.aclose_forcefully(self.stream)
             self.nursery.cancel_scope.cancel()
             self.state = State.CLOSED

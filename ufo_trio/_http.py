@@ -1,32 +1,25 @@
-"""Plain HTTP on the WebSocket's port: the JSON API of §6 and the 426 of EP-1.
+"""HTTP/1.1 on the server's one port: reading requests and writing responses (EP-1, LIM-2/3/4).
 
-The endpoint has parsed the first request head with h11 (under LIM-2) and hands over the
-`h11.Connection` that did it. This module reads the body with that same connection, answers, and
-keeps the connection alive for the next request (`start_next_cycle`), reading each next head
-again under `--registration-timeout`. Everything runs in the endpoint's one task per TCP
-connection; there is no task per request, and every await has a deadline.
+`HttpConnection` is one accepted TCP connection seen as HTTP. One `h11.Connection` parses every
+request head and body on it — the first head, which the endpoint reads to tell a WebSocket
+upgrade from plain HTTP, and each next head of a kept-alive connection — and frames every
+response: one reader (`read_head`, `read_body`) and one writer (`send`). What to answer is not
+decided here: `HttpService.serve` asks a responder (the API of `_api.py`) for a `Reply` or a
+`StreamReply` and writes it.
 
-Each request goes through these steps in order (§6):
-
-1. Host check (AUTH-5) when the server is bound to loopback → 403 `Invalid Host header`;
-2. route match → 404 `Not Found` / 405 `Method Not Allowed`;
-3. API key (AUTH-4): `X-API-Key` or `Authorization: Bearer` → 401 `Missing API key` /
-   `Invalid API key`, both with `WWW-Authenticate: Bearer`;
-4. the handler.
-
-Request bodies are read only by the handler that needs one (`POST /api/dispatch`), so nobody
-without the key gets a body buffered; a body that is not needed is discarded, up to
-`--max-body-size`, to keep the connection usable. Limits: LIM-3 (431) for every head, LIM-4
-(413) for bodies, LIM-2 for slow heads and bodies (the connection is closed without an answer).
+Everything runs in the endpoint's one task per TCP connection; there is no task per request, and
+every await has a deadline: LIM-2 (`--registration-timeout`) for each head and each body, LIM-3
+(431) for heads, LIM-4 (413) for bodies, `send_timeout` for each write.
 """
 
 from __future__ import annotations
 
-import hmac
+import contextlib
 import http
 import ipaddress
 import json
 import logging
+import math
 import re
 import urllib.parse
 from typing import TYPE_CHECKING, Any, Final
@@ -35,48 +28,23 @@ import attrs
 import h11
 import trio
 
-from ._codec import shown
-from ._endpoint import RequestHead
-from ._errors import ConnectionGone
-from ._limits import linger, log_refusal
-from ._messages import ServerMessage, ServerMessageType, TaskStatus, new_id
-from ._sessions import sanitize_task_name
+from ._limits import LINGER_SECONDS, TOO_MANY_CONNECTIONS, linger, log_refusal
 
 if TYPE_CHECKING:
-    from ._server import Server
+    from collections.abc import Awaitable, Callable, Iterator
+
+    from ._config import ServerConfig
+    from ._context import Shutdown
 
 log = logging.getLogger("ufo_trio")
 
-MISSING_KEY: Final = "Missing API key"
-INVALID_KEY: Final = "Invalid API key"
-INVALID_HOST: Final = "Invalid Host header"
-NOT_FOUND: Final = "Not Found"
-METHOD_NOT_ALLOWED: Final = "Method Not Allowed"
-UPGRADE_REQUIRED: Final = "WebSocket upgrade required"
-BODY_TOO_LARGE: Final = "Request body too large"
-NOT_AN_OBJECT: Final = "Request body must be a JSON object"
-EMPTY_TASK: Final = "Empty task content"
-EMPTY_CLIENT: Final = "Empty client ID"
-INVALID_TASK_NAME: Final = (
-    "Invalid task_name: must be a non-empty string of characters [A-Za-z0-9._-] "
-    "and must not start with '.'"
-)
-CLIENT_NOT_ONLINE: Final = "Client not online"
-SEND_FAILED: Final = "Failed to send task to client"
-
 #: AUTH-5: the Host names accepted when the server listens on loopback (any port).
 _LOOPBACK_HOST: Final = re.compile(r"(?:localhost|127\.0\.0\.1|\[::1\])(?::[0-9]*)?")
-#: HTTP-3 step 3: a dispatch `task_name` is checked, not sanitised.
-_TASK_NAME: Final = re.compile(r"[A-Za-z0-9._-]+")
-_TASK_RESULT_PREFIX: Final = "/api/task_result/"
-#: Exact routes: path → (method, handler name).
-_ROUTES: Final = {
-    "/api/clients": ("GET", "clients"),
-    "/api/health": ("GET", "health"),
-    "/api/dispatch": ("POST", "dispatch"),
-    "/api/sessions": ("GET", "sessions"),
-}
 _RECEIVE_SIZE: Final = 65536
+#: Headers every response carries unless the reply sets its own value.
+_DEFAULT_HEADERS: Final = ((b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff"))
+#: How long the end of a stream (its last chunk) may take to write once it is being closed.
+_STREAM_END_TIMEOUT: Final = 1.0
 
 
 def is_loopback_host(host: str) -> bool:
@@ -96,331 +64,283 @@ def host_allowed(values: list[bytes]) -> bool:
     return _LOOPBACK_HOST.fullmatch(values[0].decode("latin-1").strip().lower()) is not None
 
 
-def api_key_problem(head: RequestHead, key: bytes) -> str | None:
-    """AUTH-4 / AUTH-2: None if authenticated, else the 401 `detail`.
-
-    Credentials are `X-API-Key` values and `Authorization: Bearer` tokens. None at all is
-    "missing"; otherwise every one presented must equal the key (constant-time, on bytes), so
-    two different keys in one request are "invalid", never a guess at which one was meant.
-    """
-    presented = [v.strip() for v in head.headers.get("x-api-key", ()) if v.strip()]
-    for value in head.headers.get("authorization", ()):
-        scheme, _, token = value.strip().partition(b" ")
-        if scheme.lower() == b"bearer" and token.strip():
-            presented.append(token.strip())
-    if not presented:
-        return MISSING_KEY
-    ok = True
-    for credential in presented:
-        ok &= hmac.compare_digest(credential, key)
-    return None if ok else INVALID_KEY
+# ---------------------------------------------------------------------------------- values
 
 
-def match_route(path: str) -> tuple[str, str] | None:
-    """(method, handler name) for a path, or None (404)."""
-    route = _ROUTES.get(path)
-    if route is not None:
-        return route
-    if path.startswith(_TASK_RESULT_PREFIX):
-        segment = path[len(_TASK_RESULT_PREFIX) :]
-        if segment and "/" not in segment:
-            return ("GET", "task_result")
-    return None
+class RequestHead:
+    """A parsed HTTP request head plus the h11 connection it came from."""
 
+    def __init__(self, conn: h11.Connection, request: h11.Request, raw: bytes) -> None:
+        self.conn = conn
+        self.request = request
+        #: What was read from the socket while reading this head (for the first head of a
+        #: connection: every byte so far, replayed into trio-websocket for an upgrade).
+        self.raw = raw
+        target = request.target.decode("latin-1")
+        split = urllib.parse.urlsplit(target)
+        self.target = target
+        self.path = split.path
+        self.query = split.query
+        self.method = request.method.decode("latin-1")
+        self.headers: dict[str, list[bytes]] = {}
+        for name, value in request.headers:
+            self.headers.setdefault(name.decode("latin-1").lower(), []).append(value)
 
-def _encode(body: Any) -> bytes:
-    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    def header(self, name: str) -> bytes | None:
+        values = self.headers.get(name)
+        return values[-1] if values else None
+
+    @property
+    def is_websocket_upgrade(self) -> bool:
+        upgrade = self.header("upgrade")
+        return upgrade is not None and upgrade.strip().lower() == b"websocket"
+
+    @property
+    def loggable_target(self) -> str:
+        """The request target with any `token` value masked (AUTH-3)."""
+        if not self.query:
+            return self.path
+        pairs = urllib.parse.parse_qsl(self.query, keep_blank_values=True)
+        masked = "&".join(f"{name}={'***' if name == 'token' else value}" for name, value in pairs)
+        return f"{self.path}?{masked}"
 
 
 @attrs.frozen
 class Reply:
-    """One response: status, JSON body, extra headers, and whether to close afterwards."""
+    """One complete response: status, headers (Content-Type included) and body bytes.
+
+    Every response also gets Content-Length, `Cache-Control: no-store` and
+    `X-Content-Type-Options: nosniff` (unless `headers` sets them) and, with `close` or while
+    the server shuts down, `Connection: close`. Build JSON replies with `json_reply`.
+    """
 
     status: int
-    body: Any
     headers: tuple[tuple[bytes, bytes], ...] = ()
+    body: bytes = b""
     close: bool = False
 
 
-def _error(status: int, detail: str, **kwargs: Any) -> Reply:
-    return Reply(status, {"detail": detail}, **kwargs)
+@attrs.frozen
+class StreamReply:
+    """A response whose body is written as it is produced, chunked (Server-Sent Events).
 
-
-def _status_error(status: int) -> Reply:
-    """A protocol-level refusal (400, 431, …) whose detail is the status phrase."""
-    return _error(status, http.HTTPStatus(status).phrase, close=True)
-
-
-class _PeerGone(Exception):
-    """The peer closed, or was too slow, while we were reading its request."""
-
-
-def _pending_method(conn: h11.Connection) -> str:
-    """The method of a request h11 parsed but we refused (e.g. a head over LIM-3), or "".
-
-    A refusal of a HEAD request must carry no body, or h11 refuses to frame it. h11 keeps the
-    method only privately; without it we answer as for any other method.
+    The producer owns the send side of `chunks`, a bounded channel: it ends the response by
+    closing it. The connection ends the response when the server shuts down, when a write takes
+    longer than `send_timeout` or fails (the peer is gone), and then closes `chunks`, so the
+    producer's next send raises `BrokenResourceError`. While nothing is produced for
+    `heartbeat_interval` seconds, `heartbeat` (if any) is written, so a vanished peer is noticed
+    and proxies keep the response open. A stream always ends its connection.
     """
-    method = getattr(conn, "_request_method", None)
-    return method.decode("latin-1") if isinstance(method, bytes) else ""
+
+    chunks: trio.MemoryReceiveChannel[bytes]
+    status: int = 200
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    heartbeat: bytes = b""
+    heartbeat_interval: float = 15.0
 
 
-class HttpApi:
-    """Serves the plain-HTTP requests of one TCP connection after the endpoint read the first."""
+def json_reply(
+    status: int, value: Any, *, headers: tuple[tuple[bytes, bytes], ...] = (), close: bool = False
+) -> Reply:
+    """A JSON reply (compact, never NaN or Infinity)."""
+    body = json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+    return Reply(status, ((b"content-type", b"application/json"), *headers), body, close)
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.check_host = is_loopback_host(server.config.host)
-        #: Scopes of kept-alive connections waiting for their next request (`close_idle`).
-        self._idle: set[trio.CancelScope] = set()
 
-    def close_idle(self) -> None:
-        """Shutdown: end every kept-alive connection that is waiting for its next request.
+def error_reply(
+    status: int, detail: str, *, headers: tuple[tuple[bytes, bytes], ...] = (), close: bool = False
+) -> Reply:
+    """The error shape of §6: `{"detail": <detail>}`."""
+    return json_reply(status, {"detail": detail}, headers=headers, close=close)
 
-        Connections in the middle of a request finish it, answer with `Connection: close` and
-        end; without this, an idle one would hold the shutdown for the whole grace period.
+
+def status_reply(status: int, *, headers: tuple[tuple[bytes, bytes], ...] = ()) -> Reply:
+    """A refusal (400, 431, …) whose detail is the status phrase; the connection then closes."""
+    return error_reply(status, _phrase(status), headers=headers, close=True)
+
+
+def sse_reply(chunks: trio.MemoryReceiveChannel[bytes]) -> StreamReply:
+    """A Server-Sent-Events stream of chunks made with `sse_event`."""
+    return StreamReply(
+        chunks,
+        headers=((b"content-type", b"text/event-stream"),),
+        heartbeat=b":\n\n",  # an SSE comment: ignored by the client
+    )
+
+
+def sse_event(data: str, *, event: str | None = None, event_id: str | None = None) -> bytes:
+    """One Server-Sent Event; `data` may span lines (each becomes a `data:` line)."""
+    lines = [f"event: {event}"] if event else []
+    if event_id is not None:
+        lines.append(f"id: {event_id}")
+    lines += [f"data: {line}" for line in data.split("\n")]
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+class Refused(Exception):
+    """Raised while reading a request to answer `reply` instead of running the handler."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.status)
+        self.reply = reply
+
+
+class PeerGone(Exception):
+    """The peer closed, or was too slow (LIM-2), while we were reading its request."""
+
+
+def _phrase(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+# ------------------------------------------------------------------------ one connection
+
+
+class HttpConnection:
+    """One accepted TCP connection spoken to as HTTP/1.1: the one reader and the one writer.
+
+    Not safe for concurrent use: it is driven by the connection's handler task only.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, remote: str, config: ServerConfig) -> None:
+        self.stream = stream
+        self.remote = remote
+        self.config = config
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header_size)
+        #: The method of the request being answered ("" before one was parsed): a response to
+        #: HEAD carries no body.
+        self._method = ""
+        #: The declared body length of the request being answered (LIM-4 before reading).
+        self._content_length: bytes | None = None
+        self._first = True
+
+    # ------------------------------------------------------------------ reading
+
+    async def read_head(self, deadline: float | None = None) -> RequestHead | int | None:
+        """The next request head; or the status to refuse with (LIM-3, malformed); or None.
+
+        None: the peer closed, or sent no complete head by `deadline` (LIM-2; default: now +
+        `--registration-timeout`; logged as a refusal for a first head and for a partly sent
+        one, not for an idle kept-alive connection).
         """
-        for scope in self._idle:
-            scope.cancel()
-
-    async def handle(self, stream: trio.abc.Stream, head: RequestHead, remote: str) -> None:
-        """Answer `head` and every further request on the connection (keep-alive)."""
-        conn = head.conn
-        while True:
-            try:
-                reply = await self._answer(stream, head, remote)
-            except _PeerGone:
-                return
-            self._log(remote, head, reply.status)
-            # A client still waiting for "100 Continue" got a final answer instead; whether it
-            # sends the body now is up to it, so this connection cannot be reused safely.
-            unsent_body = conn.they_are_waiting_for_100_continue
-            if not await self._send(stream, conn, reply, head.method):
-                return
-            stop = reply.close or unsent_body or self.server.shutting_down
-            if stop or not await self._next_cycle(stream, conn):
-                if self._unread_input(conn):
-                    await linger(stream)
-                return
-            next_head = await self._next_head(stream, conn, remote)
-            if next_head is None:
-                return
-            if isinstance(next_head, int):
-                await self._send(stream, conn, _status_error(next_head), _pending_method(conn))
-                await linger(stream)
-                return
-            head = next_head
-
-    # ------------------------------------------------------------------ the steps of §6
-
-    async def _answer(self, stream: trio.abc.Stream, head: RequestHead, remote: str) -> Reply:
-        path = head.path
-        if head.is_websocket_upgrade:
-            # Only the first request of a connection can become a WebSocket (the endpoint
-            # routes it); a later one on a kept-alive connection cannot be handed over.
-            return _status_error(400)
-        if path == "/ws":  # EP-1: a plain request to the WebSocket path
-            return _error(426, UPGRADE_REQUIRED)
-        if self.check_host and not host_allowed(head.headers.get("host", [])):  # AUTH-5
-            return _error(403, INVALID_HOST)
-        route = match_route(path)
-        if route is None:
-            return _error(404, NOT_FOUND)
-        method, name = route
-        if head.method != method:
-            return _error(405, METHOD_NOT_ALLOWED, headers=((b"allow", method.encode()),))
-        problem = api_key_problem(head, self.server.api_key_bytes)  # AUTH-4
-        if problem is not None:
-            return _error(401, problem, headers=((b"www-authenticate", b"Bearer"),))
-        try:
-            if name == "dispatch":
-                body = await self._read_body(stream, head, remote)
-                if isinstance(body, Reply):
-                    return body
-                return await self._dispatch(body, remote)
-            if name == "task_result":
-                return self._task_result(path[len(_TASK_RESULT_PREFIX) :])
-            if name == "sessions":
-                return self._sessions()
-            online = self.server.registry.online_ids()
-            if name == "health":
-                return Reply(200, {"status": "healthy", "online_clients": online})
-            return Reply(200, {"online_clients": online})
-        except (_PeerGone, trio.BrokenResourceError, trio.ClosedResourceError):
-            raise
-        except Exception:
-            # The error boundary of one request: answer 500 and close, keep the server up.
-            log.exception("%s: internal error in %s %s", remote, head.method, path)
-            return _error(500, "Internal Server Error", close=True)
-
-    # ------------------------------------------------------------------ handlers
-
-    async def _dispatch(self, body: bytes, remote: str) -> Reply:
-        """HTTP-3: validate in the spec's order, then queue the TASK assignment."""
-        try:
-            obj = json.loads(body)
-        except (ValueError, RecursionError):
-            return _error(422, NOT_AN_OBJECT)
-        if type(obj) is not dict:
-            return _error(422, NOT_AN_OBJECT)
-        request = obj.get("request")
-        if type(request) is not str or not request:
-            return _error(400, EMPTY_TASK)
-        client_id = obj.get("client_id")
-        if type(client_id) is not str or not client_id:
-            return _error(400, EMPTY_CLIENT)
-        if "task_name" in obj:
-            task_name = obj["task_name"]
-            if (
-                type(task_name) is not str
-                or _TASK_NAME.fullmatch(task_name) is None
-                or task_name.startswith(".")
-            ):
-                return _error(400, INVALID_TASK_NAME)
-        else:
-            task_name = new_id()
-        entry = self.server.registry.get(client_id)
-        if entry is None:
-            return _error(404, CLIENT_NOT_ONLINE)
-        session_id = new_id()
-        try:
-            await entry.connection.send(
-                ServerMessage(
-                    type=ServerMessageType.TASK,
-                    status=TaskStatus.CONTINUE,
-                    user_request=request,
-                    task_name=task_name,
-                    session_id=session_id,
-                    response_id=new_id(),
-                )
+        first, self._first = self._first, False
+        config = self.config
+        conn = self._h11
+        buffered = len(conn.trailing_data[0])  # pipelined bytes already received
+        raw = bytearray()
+        if deadline is None:
+            deadline = trio.current_time() + config.registration_timeout
+        with trio.move_on_at(deadline):
+            while True:
+                try:
+                    event = conn.next_event()
+                except h11.RemoteProtocolError as exc:
+                    if conn.trailing_data[1]:
+                        return None  # the peer closed in the middle of a head
+                    status = 431 if "too long" in str(exc).lower() else exc.error_status_hint
+                    break
+                if event is h11.NEED_DATA:
+                    data = await self.stream.receive_some(config.max_header_size)
+                    raw += data
+                    conn.receive_data(bytes(data))  # b"" is EOF
+                    continue
+                if not isinstance(event, h11.Request):
+                    return None  # the peer closed between requests
+                # h11 checks the size only while the head is incomplete; a head that arrives
+                # whole in a few large reads can be bigger than the limit (LIM-3).
+                if buffered + len(raw) - len(conn.trailing_data[0]) > config.max_header_size:
+                    status = 431
+                    break
+                head = RequestHead(conn, event, bytes(raw))
+                self._method = head.method
+                self._content_length = head.header("content-length")
+                return head
+            if status == 431:
+                log_refusal(self.remote, "max-header-size", f"{config.max_header_size} bytes; 431")
+            self._method = self._pending_method()
+            return status
+        if first or conn.trailing_data[0]:  # LIM-2: a head was started, or is the first
+            log_refusal(
+                self.remote,
+                "registration-timeout",
+                f"{config.registration_timeout:g}s for the request head",
             )
-        except ConnectionGone:
-            log.info(
-                "%s: dispatch of task %s to %s failed", remote, shown(task_name), shown(client_id)
-            )
-            return _error(500, SEND_FAILED)
-        # COMPAT-16: ids and sizes only, never the request text.
-        log.info(
-            "%s: dispatched task %s to %s (%d characters)",
-            remote,
-            shown(task_name),
-            shown(client_id),
-            len(request),
-        )
-        return Reply(
-            200,
-            {
-                "status": "dispatched",
-                "task_name": task_name,
-                "client_id": client_id,
-                "session_id": session_id,
-            },
-        )
+        return None
 
-    def _task_result(self, segment: str) -> Reply:
-        """HTTP-4: never blocks; pending while a live session has the name or it is unknown."""
-        name = sanitize_task_name(urllib.parse.unquote(segment))
-        sessions = self.server.sessions
-        if any(s.task_name == name for s in sessions.live.values()):
-            return Reply(200, {"status": "pending"})
-        record = sessions.results.by_task_name(name)
-        if record is None:
-            return Reply(200, {"status": "pending"})
-        if record.status == TaskStatus.COMPLETED.value:
-            return Reply(200, {"status": "done", "result": record.result})
-        return Reply(200, {"status": "failed", "error": record.error, "result": record.result})
+    async def read_body(self) -> bytes:
+        """The whole body of the current request.
 
-    def _sessions(self) -> Reply:
-        """HTTP-5: live sessions in start order, exactly six keys each (CLAR-6)."""
-        return Reply(
-            200,
-            {
-                "sessions": [
-                    {
-                        "session_id": s.session_id,
-                        "task_name": s.task_name,
-                        "requester_id": s.requester_id,
-                        "requester_type": s.requester_type,
-                        "executor_id": s.executor_id,
-                        "started_at": s.started_at,
-                    }
-                    for s in self.server.sessions.live.values()
-                ]
-            },
-        )
-
-    # ------------------------------------------------------------------ HTTP mechanics
-
-    async def _read_body(
-        self, stream: trio.abc.Stream, head: RequestHead, remote: str
-    ) -> bytes | Reply:
-        """The whole request body, or a 413/400 reply. Raises `_PeerGone` (LIM-2 on bodies)."""
-        config = self.server.config
+        Raises `Refused` (413 over `--max-body-size`, LIM-4; 400 for a broken body) or
+        `PeerGone` (the peer closed, or did not send the body within `--registration-timeout`).
+        """
+        config = self.config
         limit = config.max_body_size
-        conn = head.conn
+        conn = self._h11
         try:
-            declared = int(head.header("content-length") or b"0")
+            declared = int(self._content_length or b"0")
         except ValueError:  # pragma: no cover - h11 has already rejected a bad Content-Length
             declared = 0
         if declared > limit:  # LIM-4, without reading a byte of it
-            log_refusal(remote, "max-body-size", f"{limit} bytes; 413")
-            return _error(413, BODY_TOO_LARGE, close=True)
+            log_refusal(self.remote, "max-body-size", f"{limit} bytes; 413")
+            raise Refused(error_reply(413, "Request body too large", close=True))
         chunks: list[bytes] = []
         size = 0
-        with trio.move_on_after(config.registration_timeout) as deadline:
+        with trio.move_on_after(config.registration_timeout):
             if conn.they_are_waiting_for_100_continue:
-                data = conn.send(h11.InformationalResponse(status_code=100, headers=[]))
-                if data:
-                    await stream.send_all(data)
+                await self._write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
             while True:
-                event = await self._next_event(stream, conn)
+                event = await self._next_body_event()
                 if isinstance(event, h11.Data):
                     size += len(event.data)
                     if size > limit:  # LIM-4 for a body without a (truthful) length
-                        log_refusal(remote, "max-body-size", f"{limit} bytes; 413")
-                        return _error(413, BODY_TOO_LARGE, close=True)
+                        log_refusal(self.remote, "max-body-size", f"{limit} bytes; 413")
+                        raise Refused(error_reply(413, "Request body too large", close=True))
                     chunks.append(bytes(event.data))
                 elif isinstance(event, h11.EndOfMessage):
                     return b"".join(chunks)
                 elif isinstance(event, int):
-                    return _status_error(event)
+                    raise Refused(status_reply(event))
                 else:
-                    raise _PeerGone
-        assert deadline.cancelled_caught
+                    raise PeerGone
         log_refusal(
-            remote, "registration-timeout", f"{config.registration_timeout:g}s for the body"
+            self.remote, "registration-timeout", f"{config.registration_timeout:g}s for the body"
         )
-        raise _PeerGone
+        raise PeerGone
 
-    async def _next_event(self, stream: trio.abc.Stream, conn: h11.Connection) -> Any:
-        """The next h11 event, reading as needed; an int is the status for a broken request."""
+    async def _next_body_event(self) -> Any:
+        """The next h11 event, reading as needed; an int is the status for a broken body."""
+        conn = self._h11
         while True:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
                 if conn.trailing_data[1]:  # the peer closed mid-request: nobody to answer
-                    raise _PeerGone from None
-                return 431 if "too long" in str(exc).lower() else exc.error_status_hint
+                    raise PeerGone from None
+                return exc.error_status_hint
             if event is not h11.NEED_DATA:
                 return event
-            data = await stream.receive_some(_RECEIVE_SIZE)
+            data = await self.stream.receive_some(_RECEIVE_SIZE)
             conn.receive_data(bytes(data))  # b"" is EOF
 
-    async def _next_cycle(self, stream: trio.abc.Stream, conn: h11.Connection) -> bool:
-        """After a response: consume what is left of the request and get ready for the next.
+    async def next_cycle(self) -> bool:
+        """After a response: discard what is left of the request and get ready for the next.
 
-        False if the connection must close (the client asked for it, a body over the limit
-        or too slow to arrive, or anything h11 will not reuse).
+        False if the connection must close (the client asked for it, a body over the limit or
+        too slow to arrive, or anything h11 will not reuse).
         """
+        conn = self._h11
         if conn.our_state is not h11.DONE:
             return False
-        config = self.server.config
+        config = self.config
         discarded = 0
         with trio.move_on_after(config.registration_timeout):
             while conn.their_state is h11.SEND_BODY:
                 try:
-                    event = await self._next_event(stream, conn)
-                except _PeerGone:
+                    event = await self._next_body_event()
+                except PeerGone:
                     return False
                 if isinstance(event, h11.Data):
                     discarded += len(event.data)
@@ -431,101 +351,205 @@ class HttpApi:
         if conn.their_state is not h11.DONE:
             return False
         conn.start_next_cycle()
+        self._method = ""
+        self._content_length = None
         return True
 
-    async def _next_head(
-        self, stream: trio.abc.Stream, conn: h11.Connection, remote: str
-    ) -> RequestHead | int | None:
-        """The next request on a kept-alive connection (LIM-2 and LIM-3 as for the first)."""
-        if self.server.shutting_down:
-            return None
-        available = len(conn.trailing_data[0])  # pipelined bytes already buffered
-        idle = trio.CancelScope()
-        self._idle.add(idle)
-        try:
-            with idle:
-                return await self._read_next_head(stream, conn, remote, available)
-        finally:
-            self._idle.discard(idle)
-        return None  # cancelled by `close_idle`: the server is shutting down
+    # ------------------------------------------------------------------ writing
 
-    async def _read_next_head(
-        self, stream: trio.abc.Stream, conn: h11.Connection, remote: str, available: int
-    ) -> RequestHead | int | None:
-        config = self.server.config
-        limit = config.max_header_size
-        with trio.move_on_after(config.registration_timeout):
-            while True:
-                try:
-                    event = conn.next_event()
-                except h11.RemoteProtocolError as exc:
-                    if conn.trailing_data[1]:
-                        return None  # the peer closed in the middle of a head
-                    status = 431 if "too long" in str(exc).lower() else exc.error_status_hint
-                    break
-                if event is h11.NEED_DATA:
-                    data = await stream.receive_some(limit)
-                    available += len(data)
-                    conn.receive_data(bytes(data))  # b"" is EOF
-                    continue
-                if not isinstance(event, h11.Request):
-                    return None  # the peer closed between requests
-                # As in the endpoint: h11 checks the size only while the head is incomplete.
-                if available - len(conn.trailing_data[0]) > limit:
-                    status = 431
-                    break
-                return RequestHead(conn, event, b"")
-            if status == 431:
-                log_refusal(remote, "max-header-size", f"{limit} bytes; 431")
-            return status
-        if conn.trailing_data[0]:  # part of a head arrived, the rest did not: LIM-2
-            log_refusal(
-                remote,
-                "registration-timeout",
-                f"{config.registration_timeout:g}s for the request head",
-            )
-        return None
+    async def send(self, reply: Reply, *, closing: bool = False) -> bool:
+        """Write one complete response within `send_timeout`; False if it could not be.
 
-    async def _send(
-        self, stream: trio.abc.Stream, conn: h11.Connection, reply: Reply, method: str
-    ) -> bool:
-        """Write one response within `send_timeout`; False if it could not be written."""
-        body = _encode(reply.body)
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"cache-control", b"no-store"),
-            (b"x-content-type-options", b"nosniff"),
-            *reply.headers,
-        ]
-        if reply.close or self.server.shutting_down:
-            headers.append((b"connection", b"close"))
+        `closing` (the server shuts down) adds `Connection: close` like `reply.close`.
+        """
+        conn = self._h11
+        headers = self._headers(reply.headers, reply.close or closing)
+        headers.append((b"content-length", str(len(reply.body)).encode()))
         try:
-            data = (
-                conn.send(
-                    h11.Response(
-                        status_code=reply.status,
-                        headers=headers,
-                        reason=http.HTTPStatus(reply.status).phrase.encode(),
-                    )
-                )
-                or b""
-            )
-            if method != "HEAD":  # a HEAD response has headers only
-                data += conn.send(h11.Data(data=body)) or b""
+            data = conn.send(self._response(reply.status, headers)) or b""
+            if self._method != "HEAD":  # a HEAD response has headers only
+                data += conn.send(h11.Data(data=reply.body)) or b""
             data += conn.send(h11.EndOfMessage()) or b""
         except h11.LocalProtocolError:  # pragma: no cover - a state we never get into
-            log.exception("h11 refused our response")
+            log.exception("%s: h11 refused our response", self.remote)
             return False
-        with trio.move_on_after(self.server.config.send_timeout) as scope:
-            await stream.send_all(data)
+        return await self._write(data)
+
+    async def send_stream(self, reply: StreamReply, ended: trio.CancelScope) -> bool:
+        """Write a streamed response, chunk by chunk, until it ends (see `StreamReply`).
+
+        `ended` is the scope in which the chunks are awaited and written; cancelling it
+        (shutdown) ends the response cleanly with its last chunk, unless a chunk was cut short.
+        True if the response ended cleanly.
+        """
+        conn = self._h11
+        interval = reply.heartbeat_interval if reply.heartbeat else math.inf
+        writing = False
+        with reply.chunks:  # closed when we stop: the producer's next send fails
+            if not await self._write(
+                conn.send(self._response(reply.status, self._headers(reply.headers, True)))
+            ):
+                return False
+            if self._method != "HEAD":
+                with ended:
+                    while True:
+                        chunk = reply.heartbeat
+                        with trio.move_on_after(interval):
+                            try:
+                                chunk = await reply.chunks.receive()
+                            except trio.EndOfChannel:
+                                break
+                        if chunk:
+                            writing = True
+                            if not await self._write(conn.send(h11.Data(data=chunk))):
+                                return False
+                            writing = False
+                if writing:  # cancelled in the middle of a chunk: the framing is broken
+                    return False
+            with trio.CancelScope(shield=True), trio.move_on_after(_STREAM_END_TIMEOUT) as scope:
+                await self.stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+            return not scope.cancelled_caught
+
+    async def refuse(self, status: int, *, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        """Answer `status` with its phrase as detail, then close (lingering if input is unread)."""
+        if await self.send(status_reply(status, headers=headers)) and self.unread_input():
+            await linger(self.stream)
+
+    async def refuse_connection(self) -> None:
+        """A TCP connection over `--max-connections`: 503 before reading anything, then close.
+
+        Bounded: at most `LINGER_SECONDS` plus one small write.
+        """
+        log_refusal(self.remote, "max-connections", str(self.config.max_connections))
+        reply = error_reply(
+            503, TOO_MANY_CONNECTIONS, headers=((b"retry-after", b"1"),), close=True
+        )
+        with trio.move_on_after(LINGER_SECONDS):
+            await self.send(reply)
+            await linger(self.stream)
+
+    def unread_input(self) -> bool:
+        """Whether the peer may still be sending (closing now could reset our answer)."""
+        conn = self._h11
+        try:  # first discard what is already buffered of the request (e.g. a GET's empty body)
+            while conn.their_state is h11.SEND_BODY and conn.next_event() is not h11.NEED_DATA:
+                pass
+        except h11.RemoteProtocolError:
+            return True
+        done = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)  # their request was read to its end
+        return conn.their_state not in done or bool(conn.trailing_data[0])
+
+    def _headers(
+        self, extra: tuple[tuple[bytes, bytes], ...], close: bool
+    ) -> list[tuple[bytes, bytes]]:
+        headers = list(extra)
+        names = {name.lower() for name, _ in extra}
+        headers += [item for item in _DEFAULT_HEADERS if item[0] not in names]
+        if close:
+            headers.append((b"connection", b"close"))
+        return headers
+
+    @staticmethod
+    def _response(status: int, headers: list[tuple[bytes, bytes]]) -> h11.Response:
+        return h11.Response(status_code=status, headers=headers, reason=_phrase(status).encode())
+
+    async def _write(self, data: bytes | None) -> bool:
+        """The one place that writes response bytes: within `send_timeout`, False if not."""
+        if not data:
+            return True
+        with trio.move_on_after(self.config.send_timeout) as scope:
+            await self.stream.send_all(data)
         return not scope.cancelled_caught
 
-    @staticmethod
-    def _unread_input(conn: h11.Connection) -> bool:
-        return conn.their_state not in (h11.DONE, h11.CLOSED) or bool(conn.trailing_data[0])
+    def _pending_method(self) -> str:
+        """The method of a request h11 parsed but we refused (e.g. a bad body header), or "".
 
-    @staticmethod
-    def _log(remote: str, head: RequestHead, status: int) -> None:
-        level = logging.DEBUG if status < 400 else logging.INFO
-        log.log(level, "%s: %s %s -> %d", remote, head.method, head.loggable_target, status)
+        A refusal of a HEAD request must carry no body, or h11 refuses to frame it. h11 keeps the
+        method only privately; without it we answer as for any other method.
+        """
+        method = getattr(self._h11, "_request_method", None)
+        return method.decode("latin-1") if isinstance(method, bytes) else ""
+
+
+# --------------------------------------------------------------------------- one server
+
+
+class HttpService:
+    """The plain-HTTP side of one server (one object per server, shared by its connections).
+
+    The endpoint hands each HTTP connection over with the first head already read; `serve`
+    answers it and every next request on the connection (keep-alive) with `respond` (the API).
+    At shutdown, `close_idle` ends at once what would otherwise hold the shutdown for the whole
+    grace period: kept-alive connections waiting for their next request and open streams.
+    """
+
+    def __init__(
+        self,
+        respond: Callable[[HttpConnection, RequestHead], Awaitable[Reply | StreamReply]],
+        shutdown: Shutdown,
+    ) -> None:
+        self._respond = respond
+        self._shutdown = shutdown
+        #: Scopes of waits that shutdown cancels (`close_idle`).
+        self._interruptible: set[trio.CancelScope] = set()
+
+    def close_idle(self) -> None:
+        """Shutdown: end every kept-alive connection waiting for a request and every stream.
+
+        Connections in the middle of a request finish it, answer with `Connection: close` and
+        end.
+        """
+        for scope in self._interruptible:
+            scope.cancel()
+
+    @contextlib.contextmanager
+    def _interruptible_scope(self) -> Iterator[trio.CancelScope]:
+        """A cancel scope (for the caller to enter) that `close_idle` cancels."""
+        scope = trio.CancelScope()
+        if self._shutdown.started:
+            scope.cancel()
+        self._interruptible.add(scope)
+        try:
+            yield scope
+        finally:
+            self._interruptible.discard(scope)
+
+    async def serve(self, http: HttpConnection, head: RequestHead) -> None:
+        """Answer `head` and every further request on the connection (keep-alive)."""
+        while True:
+            try:
+                reply = await self._respond(http, head)
+            except PeerGone:
+                return
+            # A client still waiting for "100 Continue" got a final answer instead; whether it
+            # sends the body now is up to it, so this connection cannot be reused safely.
+            unsent_body = head.conn.they_are_waiting_for_100_continue
+            if isinstance(reply, StreamReply):
+                _log(http.remote, head, reply.status)
+                with self._interruptible_scope() as scope:
+                    ended = await http.send_stream(reply, scope)
+                if ended and http.unread_input():
+                    await linger(http.stream)
+                return
+            _log(http.remote, head, reply.status)
+            if not await http.send(reply, closing=self._shutdown.started):
+                return
+            stop = reply.close or unsent_body or self._shutdown.started
+            if stop or not await http.next_cycle():
+                if http.unread_input():
+                    await linger(http.stream)
+                return
+            next_head: RequestHead | int | None = None
+            with self._interruptible_scope() as scope, scope:
+                next_head = await http.read_head()
+            if next_head is None:
+                return  # closed, too slow, or cancelled by `close_idle`
+            if isinstance(next_head, int):
+                await http.refuse(next_head)
+                return
+            head = next_head
+
+
+def _log(remote: str, head: RequestHead, status: int) -> None:
+    level = logging.DEBUG if status < 400 else logging.INFO
+    log.log(level, "%s: %s %s -> %d", remote, head.method, head.loggable_target, status)

@@ -6,14 +6,13 @@
   for every data frame a registered connection sends; running dry means ERROR `rate_limited`,
   then close 1008.
 
-The other limits live where they are enforced (LIM-1 in trio-websocket, LIM-2/3 in `_endpoint`,
-LIM-4 in `_http`, LIM-6 in `_connection`, LIM-7 in `_sessions`); they all log through
+The other limits live where they are enforced (LIM-1 in trio-websocket, LIM-2/3/4 and the 503 in
+`_http`, LIM-6 in `_connection`, LIM-7 in `_sessions`); they all log through
 `log_refusal`, so one grep for `limit ` finds every refusal.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import TYPE_CHECKING, Final
 
@@ -73,31 +72,12 @@ def message_bucket(config: ServerConfig) -> TokenBucket | None:
 
 async def refuse_rate_limited(conn: Connection) -> None:
     """A connection sent frames faster than its bucket allows: ERROR, then close 1008."""
-    config = conn.server.config
+    config = conn.context.config
     log_refusal(
         conn.label, "message-rate", f"{config.message_rate:g}/s, burst {config.message_burst}"
     )
     await conn.send_error(MESSAGE_RATE_EXCEEDED, "rate_limited")
     conn.close(1008, "rate_limited")
-
-
-async def refuse_connection(stream: trio.abc.Stream, remote: str, limit: int) -> None:
-    """A TCP connection over `--max-connections`: 503, then a short lingering close.
-
-    Bounded: at most `LINGER_SECONDS` plus one small write.
-    """
-    log_refusal(remote, "max-connections", str(limit))
-    body = json.dumps({"detail": TOO_MANY_CONNECTIONS}).encode()
-    response = (
-        b"HTTP/1.1 503 Service Unavailable\r\n"
-        b"content-type: application/json\r\n"
-        b"content-length: " + str(len(body)).encode() + b"\r\n"
-        b"retry-after: 1\r\n"
-        b"connection: close\r\n\r\n" + body
-    )
-    with trio.move_on_after(LINGER_SECONDS):
-        await stream.send_all(response)
-        await linger(stream)
 
 
 async def linger(stream: trio.abc.Stream) -> None:

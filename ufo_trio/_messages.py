@@ -1,6 +1,11 @@
 """AIP wire values (PROTOCOL.md §1): enums with the exact wire strings and frozen attrs classes.
 
 Nothing here does I/O or JSON; `_codec` turns these into text and back.
+
+The enums are `StrEnum`s whose values are the wire strings, so a member can stand wherever its
+string goes (a JSON document, a log line, a database column) and the server keeps the enum end to
+end: `Session.requester_type` is a `ClientType`, `SessionRecord.status` a `TaskStatus`. Code
+compares members with `is`.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from typing import Any
 import attrs
 
 
-class ClientMessageType(enum.Enum):
+class ClientMessageType(enum.StrEnum):
     """`type` of a client → server frame."""
 
     TASK = "task"
@@ -25,7 +30,7 @@ class ClientMessageType(enum.Enum):
     DEVICE_INFO_RESPONSE = "device_info_response"
 
 
-class ServerMessageType(enum.Enum):
+class ServerMessageType(enum.StrEnum):
     """`type` of a server → client frame."""
 
     TASK = "task"
@@ -37,7 +42,7 @@ class ServerMessageType(enum.Enum):
     DEVICE_INFO_RESPONSE = "device_info_response"
 
 
-class TaskStatus(enum.Enum):
+class TaskStatus(enum.StrEnum):
     """`status` of any frame."""
 
     CONTINUE = "continue"
@@ -47,14 +52,14 @@ class TaskStatus(enum.Enum):
     ERROR = "error"
 
 
-class ClientType(enum.Enum):
+class ClientType(enum.StrEnum):
     """The role a client claims at registration."""
 
     DEVICE = "device"
     CONSTELLATION = "constellation"
 
 
-class ResultStatus(enum.Enum):
+class ResultStatus(enum.StrEnum):
     """`Result.status`."""
 
     SUCCESS = "success"
@@ -63,7 +68,7 @@ class ResultStatus(enum.Enum):
     NONE = "none"
 
 
-class ToolType(enum.Enum):
+class ToolType(enum.StrEnum):
     """`Command.tool_type`."""
 
     DATA_COLLECTION = "data_collection"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 from functools import partial
 from typing import TYPE_CHECKING
@@ -12,10 +11,15 @@ import attrs
 import trio
 
 from ._agents import AgentFactory, load_agent_factory
+from ._api import Api, ApiContext
+from ._context import Auth, ServerContext
 from ._endpoint import handle_stream
-from ._http import HttpApi
+from ._handlers import AipHandler
+from ._http import HttpService
 from ._registry import Registry
-from ._sessions import SHUTTING_DOWN, SessionManager
+from ._rules import SHUTTING_DOWN
+from ._sessions import SessionManager
+from ._tls import ServerTLS, load_tls
 
 if TYPE_CHECKING:
     from ._config import ServerConfig
@@ -31,6 +35,10 @@ class Server:
     Public attributes: `config`, `host`, `port`, `url`, `api_key`, `api_key_generated`,
     `registry` (who is online) and `sessions` (live sessions and the result store).
     Call `request_shutdown()` for the graceful stop of SHUT-1/2.
+
+    Only the listener side (this module, the top of `_endpoint`) knows the `Server`. What
+    connections, sessions and handlers share is the `context` bundle built here once
+    (`_context.ServerContext`); new subsystems are constructed here and plugged into it.
     """
 
     config: ServerConfig
@@ -40,35 +48,55 @@ class Server:
     host: str = ""
     port: int = 0
     registry: Registry = attrs.field(factory=Registry)
+    #: The shared state handed to connections, sessions and handlers.
+    context: ServerContext = attrs.field(init=False)
     sessions: SessionManager = attrs.field(init=False)
-    http: HttpApi = attrs.field(init=False)
-    api_key_bytes: bytes = attrs.field(init=False)
-    allowed_origins: frozenset[str] = attrs.field(init=False)
+    #: The protocol driver every WebSocket connection runs (`Connection.run(handler)`).
+    handler: AipHandler = attrs.field(init=False)
+    #: The plain-HTTP side: keep-alive connections and streams, answered by the API of `_api`.
+    http: HttpService = attrs.field(init=False)
     connections: set[Connection] = attrs.field(factory=set)
     #: Accepted TCP connections being served, HTTP or WebSocket (`--max-connections`).
     open_streams: int = 0
-    shutting_down: bool = False
-    #: After this trio time every bounded cleanup wait gives up (the shutdown grace deadline).
-    hard_deadline: float = math.inf
     _shutdown: trio.Event = attrs.field(factory=trio.Event)
     _stopped: trio.Event = attrs.field(factory=trio.Event)
     _nursery: trio.Nursery | None = None
+    #: Built-in TLS (`--tls-cert`/`--tls-key`), or None for plain ws:// and http://.
+    tls: ServerTLS | None = None
 
     def __attrs_post_init__(self) -> None:
-        self.sessions = SessionManager(self, self.agent_factory)
-        self.http = HttpApi(self)
-        self.api_key_bytes = self.api_key.encode("utf-8", "surrogateescape")
-        self.allowed_origins = frozenset(o.strip().lower() for o in self.config.allowed_origins)
+        self.context = ServerContext(
+            config=self.config,
+            registry=self.registry,
+            auth=Auth.build(self.api_key, self.config.allowed_origins),
+        )
+        self.sessions = SessionManager(self.context, self.agent_factory)
+        self.handler = AipHandler(self.context, self.sessions)
+        api = Api(ApiContext(shared=self.context, sessions=self.sessions))
+        self.http = HttpService(api.respond, self.context.shutdown)
+
+    # The shutdown state and the credentials live in `context`; these read them for the listener
+    # side (`_endpoint`), the CLI and tests.
+
+    @property
+    def shutting_down(self) -> bool:
+        """True once the graceful stop has begun."""
+        return self.context.shutdown.started
+
+    @property
+    def api_key_bytes(self) -> bytes:
+        return self.context.auth.api_key
+
+    @property
+    def allowed_origins(self) -> frozenset[str]:
+        return self.context.auth.allowed_origins
 
     @property
     def url(self) -> str:
-        """`ws://HOST:PORT/ws` with the port actually bound (IPv6 hosts in brackets)."""
+        """`ws://HOST:PORT/ws` (`wss://` with TLS) with the port actually bound (IPv6 hosts in
+        brackets)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"ws://{host}:{self.port}/ws"
-
-    def bounded(self, seconds: float) -> trio.CancelScope:
-        """A scope that gives up after `seconds`, or at the shutdown deadline if sooner."""
-        return trio.move_on_at(min(trio.current_time() + seconds, self.hard_deadline))
+        return f"{'wss' if self.tls else 'ws'}://{host}:{self.port}/ws"
 
     def request_shutdown(self) -> None:
         """Start the graceful stop (SHUT-1/2); `serve` returns once it is complete."""
@@ -116,25 +144,29 @@ class Server:
 
     async def _graceful_stop(self, accept_scope: trio.CancelScope, nursery: trio.Nursery) -> None:
         accept_scope.cancel()  # SHUT-1: stop accepting
-        self.shutting_down = True
-        self.http.close_idle()  # kept-alive HTTP connections waiting for a request
+        shutdown = self.context.shutdown
         grace = self.config.shutdown_grace
-        self.hard_deadline = trio.current_time() + grace
-        nursery.cancel_scope.deadline = self.hard_deadline
+        nursery.cancel_scope.deadline = shutdown.begin(grace)
+        self.http.close_idle()  # kept-alive HTTP connections waiting for a request
         log.info(
             "shutting down: %d connection(s), %d live session(s), grace %gs",
             len(self.connections),
             len(self.sessions.live),
             grace,
         )
-        with self.bounded(grace):
+        with shutdown.bounded(grace):
             await self.sessions.cancel_all(SHUTTING_DOWN)
         for conn in list(self.connections):  # SHUT-2
             conn.close(1001, "server shutting down")
 
 
-def build_server(config: ServerConfig, *, port: int = 0) -> Server:
-    """A `Server` that is not yet running. Raises `ConfigError` for a bad `--agent`."""
+def build_server(
+    config: ServerConfig, *, port: int = 0, tls: ServerTLS | None = None
+) -> Server:
+    """A `Server` that is not yet running. Raises `ConfigError` for a bad `--agent`.
+
+    *tls* comes from `load_tls` when `config.tls_cert` is set (`serve` does that).
+    """
     api_key = config.api_key if config.api_key is not None else secrets.token_urlsafe(32)
     return Server(
         config=config,
@@ -143,6 +175,7 @@ def build_server(config: ServerConfig, *, port: int = 0) -> Server:
         agent_factory=load_agent_factory(config.agent),
         host=config.host,
         port=port,
+        tls=tls,
     )
 
 
@@ -156,11 +189,14 @@ async def serve(
     and `OSError` if the address cannot be bound.
     """
     load_agent_factory(config.agent)  # fail before binding
+    tls = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        tls = await load_tls(config.tls_cert, config.tls_key)  # ConfigError before binding
     listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     if config.port == 0:
         # Each address family would get its own free port; keep one so the URL is unambiguous.
         for extra in listeners[1:]:
             await extra.aclose()
         listeners = listeners[:1]
-    server = build_server(config, port=listeners[0].socket.getsockname()[1])
+    server = build_server(config, port=listeners[0].socket.getsockname()[1], tls=tls)
     await server.run(listeners, task_status=task_status)

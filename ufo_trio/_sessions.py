@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 import trio
 
+from . import _rules
 from ._agents import Agent, AgentFactory, TaskFailed, UnsupportedPlatform
 from ._codec import encode_server_message, shown, unstructure
 from ._errors import ConnectionGone
@@ -32,18 +33,17 @@ from ._messages import (
     TaskStatus,
     new_id,
 )
+from ._rules import INVALID_RESULTS, SHUTTING_DOWN, Match, Reject
 
 if TYPE_CHECKING:
     from ._connection import Connection
-    from ._server import Server
+    from ._context import ServerContext
 
 log = logging.getLogger("ufo_trio")
 
 DEVICE_GONE: Final = "Task was cancelled because target device disconnected"
 REQUESTER_GONE: Final = "Task was cancelled because the requesting client disconnected"
-SHUTTING_DOWN: Final = "Server shutting down"
 NOT_SERIALISABLE: Final = "Agent returned a non-JSON-serialisable result"
-INVALID_RESULTS: Final = "invalid command results from executor"
 
 _UNSAFE: Final = re.compile(r"[^A-Za-z0-9._-]")
 _AGENT_NAMES: Final = {"windows": "HostAgent", "linux": "LinuxAgent", "mobile": "MobileAgent"}
@@ -88,7 +88,7 @@ class SessionRecord:
 
     session_id: str
     task_name: str
-    status: str
+    status: TaskStatus
     error: str | None
     result: Any
     finished_at: str
@@ -132,7 +132,7 @@ class Session:
     platform: str
     requester: Connection
     requester_id: str
-    requester_type: str
+    requester_type: ClientType
     executor: Connection
     executor_id: str
     agent: Agent
@@ -148,7 +148,7 @@ class Session:
 
     @property
     def for_constellation(self) -> bool:
-        return self.requester_type == ClientType.CONSTELLATION.value
+        return self.requester_type is ClientType.CONSTELLATION
 
     def cancel(self, reason: str) -> None:
         """Cancel through the session's scope; the first reason is the one reported."""
@@ -171,7 +171,7 @@ class Session:
         response_id = new_id()
         waiter = _Waiter(commands)
         self.waiters[response_id] = waiter
-        config = self.manager.server.config
+        config = self.manager.context.config
         try:
             try:
                 await self.executor.send(
@@ -241,8 +241,9 @@ class Session:
                 outcome = (TaskStatus.FAILED, self.cancel_reason or self._implied_reason(), None)
             # CAN-2: shielded, so cancellation cannot cut the TASK_END short; bounded (inside
             # `finish` by SEND_TIMEOUT, and here as a whole) so it cannot hang either.
-            server = self.manager.server
-            with trio.CancelScope(shield=True), server.bounded(2 * server.config.send_timeout):
+            context = self.manager.context
+            patience = 2 * context.config.send_timeout
+            with trio.CancelScope(shield=True), context.shutdown.bounded(patience):
                 await self.manager.finish(self, *outcome)
             self.done.set()
 
@@ -267,107 +268,59 @@ class Session:
 
 @attrs.define(eq=False)
 class SessionManager:
-    """The live-session store and the TASK / COMMAND_RESULTS handlers (§4)."""
+    """The live-session store and the TASK / COMMAND_RESULTS handlers (§4).
 
-    server: Server
+    One per server; connections (for their teardown), the frame handler and the HTTP API are
+    given it explicitly. It knows only the shared `ServerContext`.
+    """
+
+    context: ServerContext
     agent_factory: AgentFactory
     live: dict[str, Session] = attrs.field(factory=dict)
     results: ResultStore = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.results = ResultStore(self.server.config.result_store_size)
+        self.results = ResultStore(self.context.config.result_store_size)
 
     # -------------------------------------------------------------------------- TASK
 
     async def handle_task(self, conn: Connection, msg: ClientMessage) -> None:
+        """A TASK frame: TASK-1…TASK-7 (`_rules.check_task`), then start the session (TASK-8)."""
         entry = conn.entry
         assert entry is not None
-        registry = self.server.registry
-        is_constellation = entry.role is ClientType.CONSTELLATION
-        requested_sid = msg.session_id or None
-
-        async def reject(error: str, code: str, *, fail_fast: bool = True) -> None:
-            await conn.send_error(
-                error, code, request_id=msg.request_id, session_id=requested_sid
-            )
-            # TASK-9, but never with the id of a live session: that would read as its end.
-            if fail_fast and is_constellation and requested_sid and requested_sid not in self.live:
-                try:
-                    await conn.send(
-                        ServerMessage(
-                            type=ServerMessageType.TASK_END,
-                            status=TaskStatus.FAILED,
-                            session_id=requested_sid,
-                            error=error,
-                        )
-                    )
-                except ConnectionGone:
-                    pass
-
-        if self.server.shutting_down:  # TASK-1
-            await reject(SHUTTING_DOWN, "shutting_down")
+        context = self.context
+        config = context.config
+        live = self.live
+        verdict = _rules.check_task(
+            entry,
+            msg,
+            shutting_down=context.shutdown.started,
+            lookup=context.registry.get,
+            owner_of=self._owner_of,
+            new_session_id=new_id,
+            live_sessions=len(conn.requested),
+            max_sessions=config.max_sessions_per_client,
+        )
+        if isinstance(verdict, Reject):
+            if verdict is _rules.TOO_MANY_SESSIONS:  # TASK-6
+                limit = config.max_sessions_per_client
+                log_refusal(conn.label, "max-sessions-per-client", f"{limit} live sessions")
+            await self._refuse_task(conn, entry.role, msg, verdict)
             return
-        from ._handlers import quoted
-
-        target_id = msg.target_id or None
-        if is_constellation:  # TASK-2
-            if target_id is None:
-                await reject("Constellation task requests require target_id", "missing_target")
-                return
-            if entry.target_id is not None and target_id != entry.target_id:
-                await reject("Not authorized to dispatch tasks to this device", "not_authorized")
-                return
-            target = registry.get(target_id)
-            if target is None:
-                await reject(f"Target device {quoted(target_id)} is not connected", "unknown_target")
-                return
-            if not target.is_device:
-                await reject("Constellation tasks may only target device clients", "invalid_target")
-                return
-            executor_entry = target
-        else:  # TASK-3
-            if target_id is not None and target_id != entry.client_id:
-                await reject(
-                    "Device clients may not target other devices", "not_authorized", fail_fast=False
-                )
-                return
-            executor_entry = entry
+        executor_entry = verdict.executor
         executor = executor_entry.connection
-
-        session_id = requested_sid or new_id()  # TASK-4
-        task_name = sanitize_task_name(msg.task_name)
-        existing = self.live.get(session_id)
-        if existing is not None:  # TASK-5
-            if existing.requester_id != entry.client_id:  # SESS-1
-                await reject(
-                    f"session_id {quoted(session_id)} is owned by another client",
-                    "session_owned",
-                    fail_fast=False,
-                )
-            else:  # SESS-2
-                await reject(
-                    f"session_id {quoted(session_id)} is already running",
-                    "session_running",
-                    fail_fast=False,
-                )
-            return
-        if len(conn.requested) >= self.server.config.max_sessions_per_client:  # TASK-6
-            limit = self.server.config.max_sessions_per_client
-            log_refusal(conn.label, "max-sessions-per-client", f"{limit} live sessions")
-            await reject("Too many running sessions for this client", "rate_limited")
-            return
+        session_id = verdict.session_id
+        task_name = sanitize_task_name(msg.task_name)  # TASK-4, NAME-1
         try:  # TASK-7
             agent = self.agent_factory(executor_entry.platform)
         except UnsupportedPlatform:
-            await reject(
-                f"Service session not supported on {executor_entry.platform}",
-                "unsupported_platform",
+            await self._refuse_task(
+                conn, entry.role, msg, _rules.unsupported_platform(executor_entry.platform)
             )
             return
-        if not executor.is_open:
-            await reject(
-                f"Target device {quoted(executor_entry.client_id)} is not connected",
-                "unknown_target",
+        if not executor.is_open:  # TASK-7
+            await self._refuse_task(
+                conn, entry.role, msg, _rules.not_connected(executor_entry.client_id)
             )
             return
 
@@ -379,13 +332,13 @@ class SessionManager:
             platform=executor_entry.platform,
             requester=conn,
             requester_id=entry.client_id,
-            requester_type=entry.role.value,
+            requester_type=entry.role,
             executor=executor,
             executor_id=executor_entry.client_id,
             agent=agent,
         )
         # TASK-8: record first, so a teardown that starts while we wait can find the session.
-        self.live[session_id] = session
+        live[session_id] = session
         conn.requested[session_id] = session
         executor.executing[session_id] = session
         try:
@@ -401,27 +354,64 @@ class SessionManager:
             shown(executor_entry.client_id),
         )
 
+    def _owner_of(self, session_id: str) -> str | None:
+        session = self.live.get(session_id)
+        return None if session is None else session.requester_id
+
+    async def _refuse_task(
+        self, conn: Connection, role: ClientType, msg: ClientMessage, verdict: Reject
+    ) -> None:
+        """ERROR to the requester, then TASK-9's TASK_END where the rule allows one."""
+        requested_sid = msg.session_id or None
+        await conn.send_error(
+            verdict.error, verdict.code, request_id=msg.request_id, session_id=requested_sid
+        )
+        live = requested_sid is not None and requested_sid in self.live
+        if _rules.task_end_after_reject(verdict, role, requested_sid, live=live):
+            try:
+                await conn.send(
+                    ServerMessage(
+                        type=ServerMessageType.TASK_END,
+                        status=TaskStatus.FAILED,
+                        session_id=requested_sid,
+                        error=verdict.error,
+                    )
+                )
+            except ConnectionGone:
+                pass
+
     # -------------------------------------------------------------------------- results
 
     async def handle_results(self, conn: Connection, msg: ClientMessage) -> None:
+        """A COMMAND_RESULTS frame: find its waiter, then `_rules.match_results` (CMD-2…CMD-5)."""
         session = self.live.get(msg.session_id) if msg.session_id else None
-        if session is None or session.executor is not conn:  # CMD-2, CMD-3
-            return
-        waiter = session.waiters.get(msg.prev_response_id) if msg.prev_response_id else None
-        if waiter is None or waiter.done.is_set():  # CMD-4
-            return
+        waiter = None
+        if session is not None and msg.prev_response_id:
+            waiter = session.waiters.get(msg.prev_response_id)
         results = msg.action_results
-        expected = len(waiter.commands)
-        if results is None or len(results) != expected:  # CMD-5
-            waiter.resolve(_failures(waiter.commands, INVALID_RESULTS))
-            await conn.send_error(
-                f"Invalid command results: expected a list of {expected} results",
-                "invalid_results",
-                request_id=msg.request_id,
-                session_id=session.session_id,
-            )
+        match = _rules.match_results(
+            session_live=session is not None,
+            from_executor=session is not None and session.executor is conn,
+            waiter_pending=waiter is not None and not waiter.done.is_set(),
+            expected=len(waiter.commands) if waiter is not None else 0,
+            results=results,
+        )
+        if match is Match.DROP:
             return
-        waiter.resolve(results)
+        assert session is not None
+        assert waiter is not None
+        if match is Match.RESOLVE:
+            assert results is not None
+            waiter.resolve(results)
+            return
+        waiter.resolve(_failures(waiter.commands, INVALID_RESULTS))  # CMD-5
+        refusal = _rules.invalid_results(len(waiter.commands))
+        await conn.send_error(
+            refusal.error,
+            refusal.code,
+            request_id=msg.request_id,
+            session_id=session.session_id,
+        )
 
     # -------------------------------------------------------------------------- endings
 
@@ -467,7 +457,7 @@ class SessionManager:
             SessionRecord(
                 session_id=session.session_id,
                 task_name=session.task_name,
-                status=status.value,
+                status=status,
                 error=error,
                 result=result,
                 finished_at=_wall_now(),
@@ -482,7 +472,7 @@ class SessionManager:
         recipients = [session.requester]
         if session.for_constellation and session.executor is not session.requester:
             recipients.append(session.executor)
-        with self.server.bounded(self.server.config.send_timeout):
+        with self.context.shutdown.bounded(self.context.config.send_timeout):
             for conn in recipients:  # END-3: the requester's copy is written first
                 if conn.is_open:
                     try:

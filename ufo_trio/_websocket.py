@@ -31,6 +31,8 @@ class ServerWebSocket(WebSocketConnection):
 
     #: The socket under the stream, for the fast path; None for e.g. in-memory test streams.
     _socket: trio.socket.SocketType | None = None
+    #: The TCP socket under a TLS stream: no fast path there, but `abort_transport` closes it.
+    _tls_socket: trio.socket.SocketType | None = None
 
     def _check_open(self) -> None:
         if self._close_reason or self._wsproto.state is not ConnectionState.OPEN:
@@ -64,8 +66,9 @@ class ServerWebSocket(WebSocketConnection):
 
     def abort_transport(self) -> None:
         """Close the socket now (synchronously), failing any write that is stuck on it."""
-        if self._socket is not None:
-            self._socket.close()
+        sock = self._socket or self._tls_socket
+        if sock is not None:
+            sock.close()
 
     async def _write_bytes(self, data: bytes, deadline: float) -> bool:
         lock = self._stream_lock
@@ -149,5 +152,9 @@ async def open_server_websocket(
     )
     if isinstance(socket_stream, trio.SocketStream):
         connection._socket = socket_stream.socket
+    elif isinstance(socket_stream, trio.SSLStream) and isinstance(
+        socket_stream.transport_stream, trio.SocketStream
+    ):
+        connection._tls_socket = socket_stream.transport_stream.socket
     nursery.start_soon(connection._reader_task)
     return await connection._get_request()

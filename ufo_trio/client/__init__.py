@@ -32,6 +32,7 @@ from ._errors import ProtocolViolation as ProtocolViolation
 from ._errors import RegistrationRefused as RegistrationRefused
 from ._errors import RequestRejected as RequestRejected
 from ._errors import RequestTimeout as RequestTimeout
+from ._errors import TLSError as TLSError
 from ._http import ApiUnavailable as ApiUnavailable
 from ._http import list_clients as list_clients
 from ._outcome import TaskOutcome as TaskOutcome
@@ -40,6 +41,7 @@ from ._plan import Plan as Plan
 from ._plan import StepResult as StepResult
 from ._plan import load_plan as load_plan
 from ._plan import parse_plan as parse_plan
+from ._tls import client_context as client_context
 from ._tools import Tool as Tool
 from ._tools import ToolContext as ToolContext
 from ._tools import ToolError as ToolError
@@ -65,12 +67,14 @@ __all__ = [
     "RequestRejected",
     "RequestTimeout",
     "StepResult",
+    "TLSError",
     "TaskOutcome",
     "Tool",
     "ToolContext",
     "ToolError",
     "ToolRegistry",
     "ToolResult",
+    "client_context",
     "collect_system_info",
     "default_tools",
     "format_outcome",

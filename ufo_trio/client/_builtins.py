@@ -24,7 +24,7 @@ import trio
 from ._tools import ToolContext, ToolError, ToolRegistry
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Iterable
 
 #: ``read_text_file`` refuses files larger than this by default.
 DEFAULT_MAX_READ_BYTES = 1024 * 1024
@@ -105,17 +105,27 @@ def default_tools(
 
     @registry.tool("echo", tool_type="action")
     async def echo(text: str) -> str:
-        """Return the text unchanged."""
+        """Return the text unchanged.
+
+        Args:
+            text: The text to return.
+        """
         return text
 
     @registry.tool("system_info", tool_type="data_collection")
-    async def system_info(ctx: ToolContext) -> Mapping[str, Any]:
+    async def system_info(ctx: ToolContext) -> dict[str, Any]:
         """Return the system info this device registered with."""
         return dict(ctx.system_info)
 
-    @registry.tool("list_dir", tool_type="data_collection")
+    @registry.tool(
+        "list_dir", tool_type="data_collection", description=_rooted("List a directory", root_path)
+    )
     def list_dir(path: str = ".") -> list[dict[str, Any]]:
-        """List a directory under the device's root."""
+        """List a directory under the device's root.
+
+        Args:
+            path: Directory to list, relative to the device's root directory.
+        """
         target = _confined(root_path, path, "list_dir")
         if not target.is_dir():
             raise ToolError(f"not a directory: {path!r}")
@@ -124,9 +134,20 @@ def default_tools(
             entries.append(_describe_entry(entry))
         return entries
 
-    @registry.tool("read_text_file", tool_type="data_collection")
+    @registry.tool(
+        "read_text_file",
+        tool_type="data_collection",
+        description=_rooted(
+            f"Read a text file (at most {max_read_bytes} bytes)", root_path
+        ),
+    )
     def read_text_file(path: str, encoding: str = "utf-8") -> str:
-        """Read a text file under the device's root."""
+        """Read a text file under the device's root.
+
+        Args:
+            path: File to read, relative to the device's root directory.
+            encoding: Text encoding of the file.
+        """
         target = _confined(root_path, path, "read_text_file")
         if not target.is_file():
             raise ToolError(f"not a file: {path!r}")
@@ -140,12 +161,18 @@ def default_tools(
         except UnicodeDecodeError:
             raise ToolError(f"{path!r} is not valid {encoding} text") from None
 
-    @registry.tool("run_command", tool_type="action")
+    @registry.tool("run_command", tool_type="action", description=_command_help(allowed))
     async def run_command(
         command: str | list[str],
         timeout: float = DEFAULT_COMMAND_TIMEOUT,  # noqa: ASYNC109  (a tool parameter)
     ) -> dict[str, Any]:
-        """Run an allow-listed program (no shell); non-zero exit status is a failure."""
+        """Run an allow-listed program (no shell); non-zero exit status is a failure.
+
+        Args:
+            command: The command line (split like a POSIX shell, but no shell runs it) or
+                the argument list; the program must be on the device's allow-list.
+            timeout: Seconds before the program is stopped.
+        """
         if not allowed:
             raise ToolError(
                 "run_command is disabled on this device; start it with an allow-list "
@@ -162,6 +189,22 @@ def default_tools(
         return await _run_program(argv, cwd=root_path, limit=timeout)
 
     return registry
+
+
+def _rooted(what: str, root: Path | None) -> str:
+    if root is None:
+        return f"{what} under the device's root directory (disabled on this device: no root)."
+    return f"{what} under the device's root directory; paths are relative to that root."
+
+
+def _command_help(allowed: frozenset[str]) -> str:
+    text = (
+        "Run a program without a shell and return its exit_code, stdout and stderr; "
+        "a non-zero exit status is a failure."
+    )
+    if not allowed:
+        return f"{text} Disabled on this device (no program is allowed)."
+    return f"{text} Allowed programs: {', '.join(sorted(allowed))}."
 
 
 def _split(command: str | list[str]) -> list[str]:

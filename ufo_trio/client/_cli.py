@@ -10,6 +10,7 @@ User errors print one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.util
 import json
@@ -28,19 +29,23 @@ from ._builtins import default_tools
 from ._constellation import open_constellation
 from ._device import open_device
 from ._errors import ClientError, PlanError
-from ._http import ApiUnavailable, list_clients
+from ._http import ApiUnavailable, get_task, list_clients
 from ._link import check_url
 from ._outcome import TaskOutcome, format_outcome
-from ._plan import Plan, load_plan
+from ._plan import Plan, parse_plan
+from ._progress import Fetch, Progress
+from ._tls import client_context
 from ._tools import ToolRegistry
 from ._util import single_error
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    import ssl
+    from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 DEFAULT_URL = "ws://127.0.0.1:5000/ws"
 URL_ENV = "UFO_TRIO_URL"
 API_KEY_ENV = "UFO_TRIO_API_KEY"
+CA_ENV = "UFO_TRIO_CA"
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -97,20 +102,22 @@ def add_subcommands(subparsers: Any) -> None:
 
     task = subparsers.add_parser(
         "task",
-        help="run one or more plans on a device and print the outcome",
-        description="Submit each PLAN as a task for device --target, wait for all of them "
-        "and print each outcome. Exit status 0 only if every task completed.",
+        help="run one or more tasks (plans or requests in words) on a device",
+        description="Submit each REQUEST as a task for device --target, wait for all of them "
+        "and print each outcome. A REQUEST that starts with { or [ is a script agent plan, "
+        "checked before it is sent; anything else is sent as text (for the server's llm "
+        "agent). Exit status 0 only if every task completed.",
     )
     task.add_argument("--target", required=True, help="the device's client_id")
     task.add_argument(
         "plans",
         nargs="+",
-        metavar="PLAN",
-        help="the plan: JSON text, or @file.json (script agent format, see docs/cli.md)",
+        metavar="REQUEST",
+        help="a plan (JSON text), a task in words, or @file holding either (see docs/cli.md)",
     )
     _add_connection_options(task)
     task.add_argument("--client-id", help="constellation id to register (default: random)")
-    task.add_argument("--task-name", help="task name (suffixed -1, -2... for several plans)")
+    task.add_argument("--task-name", help="task name (suffixed -1, -2... for several requests)")
     task.add_argument(
         "--timeout", type=float, metavar="SECONDS", help="give up waiting after SECONDS"
     )
@@ -118,9 +125,18 @@ def add_subcommands(subparsers: Any) -> None:
     task.add_argument(
         "--raw",
         action="store_true",
-        help="send PLAN text unchecked (for agents other than the built-in script agent)",
+        help="send REQUEST text exactly as given, never checked as a plan",
     )
-    task.set_defaults(func=run_task_command)
+    task.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress on stderr (default: a live status line on a terminal, "
+        "one line per accepted task otherwise)",
+    )
+    # For tests: where progress goes, whether it is a terminal, how steps are fetched.
+    task.set_defaults(
+        func=run_task_command, progress_stream=None, progress_isatty=None, progress_fetch=None
+    )
 
     clients = subparsers.add_parser(
         "clients",
@@ -141,15 +157,47 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-key", default=None, help=f"the server's API key (default: ${API_KEY_ENV})"
     )
+    parser.add_argument(
+        "--ca",
+        metavar="FILE",
+        default=None,
+        help=f"trust only the CA certificate(s) in FILE (PEM) for wss:// and https:// "
+        f"(default: ${CA_ENV}, else the system trust store)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="do NOT verify the server's TLS certificate (testing only; warns on every start)",
+    )
 
 
-def _url(args: argparse.Namespace) -> str:
+def _url(args: argparse.Namespace, *, http_ok: bool = False) -> str:
     url: str = args.url or os.environ.get(URL_ENV) or DEFAULT_URL
+    if http_ok and url.split(":", 1)[0].lower() in ("http", "https"):
+        url = "ws" + url[4:]  # the HTTP API lives on the same port as the WebSocket
     try:
         check_url(url)
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
     return url
+
+
+def _ssl_context(args: argparse.Namespace, command: str) -> ssl.SSLContext | None:
+    """The TLS context for --ca / $UFO_TRIO_CA / --insecure; None: the system default."""
+    ca: str | None = args.ca or os.environ.get(CA_ENV) or None
+    if args.insecure:
+        print(
+            f"ufo_trio {command}: warning: --insecure: the server's TLS certificate is NOT "
+            "verified; anyone on the network path can read the API key",
+            file=sys.stderr,
+            flush=True,
+        )
+    if ca is None and not args.insecure:
+        return None
+    try:
+        return client_context(ca, insecure=args.insecure)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
 
 
 def _api_key(args: argparse.Namespace) -> str | None:
@@ -253,6 +301,7 @@ def _configure_logging(verbose: bool) -> None:
 
 async def _device_main(args: argparse.Namespace) -> int:
     url = _url(args)
+    context = _ssl_context(args, "device")
     tools = _device_tools(args)
     _configure_logging(args.verbose)
     # SIGINT too: a device started in the background of a script has KeyboardInterrupt
@@ -266,6 +315,7 @@ async def _device_main(args: argparse.Namespace) -> int:
             platform=args.platform,
             heartbeat_interval=args.heartbeat_interval,
             reconnect=None if args.no_reconnect else Backoff(),
+            ssl_context=context,
         ) as device:
             print(
                 f"device {device.client_id!r} connected to {device.url} "
@@ -285,56 +335,133 @@ def run_device_command(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------- task
 
 
-def _plans(args: argparse.Namespace) -> list[tuple[str, Plan | None]]:
+def _read_request_file(argument: str) -> str:
+    path = Path(argument[1:])
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise _UsageError(
+            f"bad plan: cannot read plan file {str(path)!r}: {exc.strerror or exc}"
+        ) from None
+    except UnicodeDecodeError:
+        raise _UsageError(f"bad plan: plan file {str(path)!r} is not UTF-8 text") from None
+
+
+def looks_like_plan(text: str) -> bool:
+    """A request is a plan when it starts like a JSON object or array; anything else is text
+    for an agent that reads natural language (such as the server's ``llm`` agent)."""
+    return text.lstrip()[:1] in ("{", "[")
+
+
+def _requests(args: argparse.Namespace) -> list[tuple[str, Plan | None]]:
+    """(TASK request text, the plan when it is one) per REQUEST argument."""
     out: list[tuple[str, Plan | None]] = []
     for argument in args.plans:
+        text = _read_request_file(argument) if argument.startswith("@") else argument
         if args.raw:
-            text = argument
-            if argument.startswith("@"):
-                try:
-                    text = Path(argument[1:]).read_text(encoding="utf-8")
-                except (OSError, UnicodeDecodeError) as exc:
-                    raise _UsageError(f"cannot read {argument[1:]!r}: {exc}") from None
             out.append((text, None))
-            continue
-        try:
-            plan = load_plan(argument)
-        except PlanError as exc:
-            raise _UsageError(f"bad plan: {exc}") from None
-        out.append((plan.to_json(), plan))
+        elif looks_like_plan(text):
+            # Checked here as before: a typo in a plan is a clear exit 2, never sent as text.
+            try:
+                plan = parse_plan(text)
+            except PlanError as exc:
+                where = f"{argument[1:]}: " if argument.startswith("@") else ""
+                raise _UsageError(f"bad plan: {where}{exc}") from None
+            out.append((plan.to_json(), plan))
+        elif not text.strip():
+            raise _UsageError("empty request: give a plan (JSON) or a task in words")
+        else:
+            out.append((text, None))
     return out
+
+
+def _print_outcome(args: argparse.Namespace, outcome: TaskOutcome, plan: Plan | None) -> None:
+    if args.json:
+        print(json.dumps(outcome.to_json(), ensure_ascii=False), flush=True)
+    else:
+        print(format_outcome(outcome, plan), flush=True)
 
 
 async def _task_main(args: argparse.Namespace) -> int:
     url = _url(args)
-    plans = _plans(args)
+    context = _ssl_context(args, "task")
+    requests = _requests(args)
+    api_key = _api_key(args)
     client_id = args.client_id or f"cli-{uuid.uuid4().hex[:8]}"
-    outcomes: list[TaskOutcome | None] = [None] * len(plans)
+    outcomes: list[TaskOutcome | None] = [None] * len(requests)
+    stream = args.progress_stream or sys.stderr
+    if args.progress_isatty is not None:
+        live = bool(args.progress_isatty)
+    else:  # a terminal that understands carriage return and erase-line
+        live = stream.isatty() and os.environ.get("TERM") != "dumb"
+    progress = None if args.no_progress else Progress(stream, live=live)
+
+    async def fetch(session_id: str) -> Mapping[str, Any] | None:
+        return await get_task(url, session_id, api_key=api_key, ssl_context=context)
+
+    fetch_task: Fetch = args.progress_fetch or fetch
+
+    names: list[str | None] = [
+        f"{args.task_name}-{i + 1}" if args.task_name and len(requests) > 1 else args.task_name
+        for i in range(len(requests))
+    ]
+    session_ids = [str(uuid.uuid4()) for _ in requests]
+    lines = [
+        progress.add(
+            name or (f"task {i + 1}" if len(requests) > 1 else "task"), session_ids[i]
+        )
+        if progress is not None
+        else None
+        for i, name in enumerate(names)
+    ]
 
     async with open_constellation(
-        url, client_id, target_id=args.target, api_key=_api_key(args)
+        url, client_id, target_id=args.target, api_key=api_key, ssl_context=context
     ) as constellation:
 
         async def run_one(index: int, request: str, plan: Plan | None) -> None:
-            name = args.task_name
-            if name and len(plans) > 1:
-                name = f"{name}-{index + 1}"
+            name = names[index]
+            session_id = session_ids[index]
+            line = lines[index]
             try:
-                outcome = await constellation.run_task(
-                    args.target, request, task_name=name, timeout=args.timeout
-                )
+                async with trio.open_nursery() as polling:
+                    if progress is not None and line is not None:
+                        polling.start_soon(progress.poll, line, fetch_task)
+                        on_ack = functools.partial(progress.acknowledged, line)
+                    else:
+                        on_ack = None
+                    try:
+                        outcome = await constellation.run_task(
+                            args.target,
+                            request,
+                            task_name=name,
+                            session_id=session_id,
+                            timeout=args.timeout,
+                            on_ack=on_ack,
+                        )
+                    finally:
+                        polling.cancel_scope.cancel()  # the TASK_END ends the polling
             except ClientError as exc:
+                if progress is not None and line is not None:
+                    progress.finished(line)
                 _fail("task", exc)
                 return
+            if progress is not None and line is not None:
+                progress.finished(line)
             outcomes[index] = outcome
-            if args.json:
-                print(json.dumps(outcome.to_json(), ensure_ascii=False), flush=True)
-            else:
-                print(format_outcome(outcome, plan), flush=True)
+            _print_outcome(args, outcome, plan)
 
-        async with trio.open_nursery() as nursery:
-            for index, (request, plan) in enumerate(plans):
-                nursery.start_soon(run_one, index, request, plan)
+        try:
+            async with trio.open_nursery() as display:
+                if progress is not None and progress.live:
+                    display.start_soon(progress.tick)
+                async with trio.open_nursery() as nursery:
+                    for index, (request, plan) in enumerate(requests):
+                        nursery.start_soon(run_one, index, request, plan)
+                display.cancel_scope.cancel()
+        finally:
+            if progress is not None:
+                progress.clear()  # also on Ctrl-C: leave the shell prompt on a clean line
     ok = all(outcome is not None and outcome.ok for outcome in outcomes)
     return EXIT_OK if ok else EXIT_FAILED
 
@@ -356,9 +483,10 @@ def _describe_client(entry: Any) -> str:
 
 
 async def _clients_main(args: argparse.Namespace) -> int:
-    url = _url(args)
+    url = _url(args, http_ok=True)
+    context = _ssl_context(args, "clients")
     try:
-        clients = await list_clients(url, api_key=_api_key(args))
+        clients = await list_clients(url, api_key=_api_key(args), ssl_context=context)
     except ApiUnavailable as exc:
         _fail("clients", f"{exc}; this command needs a server with the HTTP API")
         return EXIT_FAILED

@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -30,7 +30,7 @@ from ._errors import ConnectionLost, DeviceNotFound, RequestRejected, RequestTim
 from ._link import Link, check_url, open_link, redact
 from ._outcome import TaskOutcome
 from ._plan import Plan
-from ._util import single_error
+from ._util import raise_single_error
 from ._wire import (
     ServerFrame,
     device_info_request_frame,
@@ -39,6 +39,9 @@ from ._wire import (
     register_frame,
     task_frame,
 )
+
+if TYPE_CHECKING:
+    import ssl
 
 logger = logging.getLogger("ufo_trio.client")
 
@@ -55,6 +58,7 @@ class _Pending:
     done: trio.Event = attrs.field(factory=trio.Event)
     acked: bool = False
     task_name: str | None = None
+    on_ack: Callable[[str | None], None] | None = None
     outcome: TaskOutcome | None = None
     value: Any = None
     error: BaseException | None = None
@@ -104,13 +108,18 @@ class Constellation:
         task_name: str | None = None,
         session_id: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109  (part of the documented API)
+        on_ack: Callable[[str | None], None] | None = None,
     ) -> TaskOutcome:
         """Run a task on device *target* and return how it ended.
 
         *request* is the TASK text: a `Plan` or a mapping is sent as its JSON (the ``script``
-        agent's format, §4.7), a string as it is. A TASK the server refuses (for example
-        ``unknown_target``) comes back as a ``failed`` outcome with ``code`` set. Many calls
-        may run at once (at most 64, the server's per-client limit; more wait their turn).
+        agent's format, §4.7), a string as it is: a natural-language request for an agent
+        such as the server's ``llm`` agent, or JSON you built yourself. *on_ack* is called
+        with the server's task name when the server acknowledges the TASK (it runs in the
+        connection's reader: it must return quickly and not raise). A TASK the server refuses
+        (for example ``unknown_target``) comes back as a ``failed`` outcome with ``code`` set.
+        Many calls may run at once (at most 64, the server's per-client limit; more wait their
+        turn).
 
         Raises `ConnectionLost` if the connection ends before the task does, `RequestTimeout`
         after *timeout* seconds (the task may still run on the server: AIP cannot cancel a
@@ -135,7 +144,7 @@ class Constellation:
                 self._check()
                 if sid in self._tasks:
                     raise ValueError(f"session_id {sid!r} is already in flight on this connection")
-                pending = _Pending(key=sid, request_id=new_id())
+                pending = _Pending(key=sid, request_id=new_id(), on_ack=on_ack)
                 self._tasks[sid] = pending
                 self._requests[pending.request_id] = pending
                 try:
@@ -237,8 +246,11 @@ class Constellation:
             # A TASK ACK carries the session id (TASK-8); a heartbeat ack carries none.
             pending = self._tasks.get(frame.session_id or "")
             if pending is not None:
+                first = not pending.acked
                 pending.acked = True
                 pending.task_name = frame.task_name
+                if first and pending.on_ack is not None:
+                    pending.on_ack(frame.task_name)
         elif frame.type == "device_info_response":
             pending = self._requests.get(frame.response_id or "")
             if pending is not None:
@@ -291,6 +303,7 @@ async def open_constellation(
     heartbeat_interval: float = 30.0,
     connect_timeout: float = 10.0,
     registration_timeout: float = 30.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Constellation]:
     """Connect to *url* as constellation *client_id* for the duration of the block.
 
@@ -299,7 +312,9 @@ async def open_constellation(
     devices. The connection is not re-established if lost: pending calls raise
     `ConnectionLost`, and so do later ones.
 
-    Entering raises `ValueError`, `AuthenticationFailed`, `ConnectFailed`,
+    A ``wss://`` URL is verified with *ssl_context* (default: the system trust store).
+
+    Entering raises `ValueError`, `AuthenticationFailed`, `TLSError`, `ConnectFailed`,
     `RegistrationRefused` or `ConnectionLost`.
     """
     check_url(url)
@@ -319,6 +334,7 @@ async def open_constellation(
             client_id=client_id,
             connect_timeout=connect_timeout,
             registration_timeout=registration_timeout,
+            ssl_context=ssl_context,
         ) as link:
             constellation = Constellation(
                 client_id=client_id, url=redact(url), target_id=target_id, link=link
@@ -332,7 +348,4 @@ async def open_constellation(
                 finally:
                     nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        error = single_error(group)
-        if error is None:
-            raise
-        raise error from None
+        raise_single_error(group)

@@ -35,10 +35,11 @@ from ._errors import (
     ConnectionLost,
     ProtocolViolation,
     RegistrationRefused,
+    TLSError,
 )
 from ._link import Link, check_url, open_link, redact
 from ._tools import ToolContext, ToolRegistry
-from ._util import single_error
+from ._util import raise_single_error
 from ._wire import (
     Command,
     ServerFrame,
@@ -52,6 +53,7 @@ from ._wire import (
 )
 
 if TYPE_CHECKING:
+    import ssl
     from collections.abc import AsyncIterator, Mapping
 
 logger = logging.getLogger("ufo_trio.client")
@@ -111,6 +113,7 @@ class _Runner:
     connect_timeout: float
     registration_timeout: float
     rng: random.Random
+    ssl_context: ssl.SSLContext | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         device = self.device
@@ -126,6 +129,7 @@ class _Runner:
                     client_id=device.client_id,
                     connect_timeout=self.connect_timeout,
                     registration_timeout=self.registration_timeout,
+                    ssl_context=self.ssl_context,
                 ) as link:
                     device.registrations += 1
                     device.connected = True
@@ -148,8 +152,8 @@ class _Runner:
                         device.last_error = link.lost
                         device._notify()
                     error: ClientError = link.lost or ConnectionLost("connection ended")
-            except AuthenticationFailed:
-                raise  # a wrong key stays wrong: never retry it
+            except (AuthenticationFailed, TLSError):
+                raise  # a wrong key or an untrusted certificate stays so: never retry it
             except RegistrationRefused as exc:
                 if (
                     not started
@@ -327,6 +331,7 @@ async def open_device(
     connect_timeout: float = 10.0,
     registration_timeout: float = 30.0,
     rng: random.Random | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Device]:
     """Run a device client for the duration of the ``async with`` block.
 
@@ -337,8 +342,11 @@ async def open_device(
     seconds (0 disables either). After a lost connection it reconnects following *reconnect*
     (``None``: do not reconnect); *rng* seeds the jitter.
 
+    A ``wss://`` URL is verified with *ssl_context* (default: the system trust store; see
+    `client_context` for a private CA).
+
     Entering raises `ValueError` (bad URL or empty id), `AuthenticationFailed` (HTTP 403:
-    wrong key), `ConnectFailed`, `RegistrationRefused` (for example ``duplicate_client_id``)
+    wrong key), `TLSError` (certificate refused), `ConnectFailed`, `RegistrationRefused` (for example ``duplicate_client_id``)
     or `ConnectionLost`; nothing is retried before the first registration. Later, a fatal
     error (a refused key or registration on reconnect, or reconnection given up) cancels the
     block and is raised from the ``async with``.
@@ -381,6 +389,7 @@ async def open_device(
         connect_timeout=connect_timeout,
         registration_timeout=registration_timeout,
         rng=rng if rng is not None else random.Random(),
+        ssl_context=ssl_context,
     )
     try:
         async with trio.open_nursery() as nursery:
@@ -390,10 +399,7 @@ async def open_device(
             finally:
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        error = single_error(group)
-        if error is None:
-            raise
-        raise error from None
+        raise_single_error(group)
 
 
 async def run_device(url: str, client_id: str, **options: Any) -> None:

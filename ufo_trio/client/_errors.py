@@ -23,6 +23,15 @@ class AuthenticationFailed(ConnectFailed):
     """
 
 
+class TLSError(ConnectFailed):
+    """The TLS handshake with a ``wss://`` or ``https://`` server failed.
+
+    Either the server's certificate could not be verified (expired, issued for another host
+    name, signed by a CA this client does not trust), or the URL's scheme does not match the
+    port (``wss://`` to a plain server, ``ws://`` to a TLS one). Retrying with the same settings cannot help, so the SDK never retries this error.
+    """
+
+
 class RegistrationRefused(ClientError):
     """The server answered REGISTER with an ERROR (REG-2, REG-4, DUP-2).
 

@@ -24,11 +24,14 @@ from ._errors import (
     ConnectionLost,
     ProtocolViolation,
     RegistrationRefused,
+    TLSError,
 )
-from ._util import single_error
+from ._tls import client_context, handshake
+from ._util import raise_single_error
 from ._wire import FrameError, ServerFrame, encode, parse_server_frame
 
 if TYPE_CHECKING:
+    import ssl
     from collections.abc import AsyncIterator, Mapping
 
 logger = logging.getLogger("ufo_trio.client")
@@ -263,13 +266,20 @@ def _os_reason(exc: OSError) -> str:
     return reason
 
 
-def _rejection(exc: BaseException, shown: str) -> ConnectFailed:
-    status = getattr(exc, "status_code", 0)
+def _rejection(exc: BaseException, shown: str) -> BaseException:
+    """The `ConnectFailed` that *exc* means if it is a refused handshake, else *exc* itself."""
+    from trio_websocket import ConnectionRejected
+
+    if not isinstance(exc, ConnectionRejected):
+        return exc
+    status = exc.status_code
     if status == 403:
         return AuthenticationFailed(
             f"{shown} refused the connection (HTTP 403): the API key is wrong or missing "
             "(or the Origin is not allowed)"
         )
+    if status == 400 and b"speaks TLS" in (getattr(exc, "body", None) or b""):
+        return TLSError(f"{shown} speaks TLS on this port: use a wss:// URL")
     if status == 404:
         return ConnectFailed(
             f"{shown} has no WebSocket endpoint at this path (HTTP 404); "
@@ -288,11 +298,15 @@ async def open_link(
     connect_timeout: float,
     registration_timeout: float,
     send_timeout: float = SEND_TIMEOUT,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Link]:
     """Connect to *url*, send *register* and wait for the verdict (§3.1).
 
+    ``wss://`` URLs use *ssl_context* (default: `client_context()`, the system trust store).
     Raises `ValueError` for a malformed URL, `AuthenticationFailed` for HTTP 403 at the
-    handshake, `ConnectFailed` when the server cannot be reached, `RegistrationRefused` when
+    handshake, `TLSError` when TLS fails (untrusted, expired or wrong-host certificate, or
+    the URL's scheme does not match the port), `ConnectFailed` when the server cannot be
+    reached, `RegistrationRefused` when
     the verdict is an ERROR, `ConnectionLost` if the connection ends before the verdict and
     `ProtocolViolation` if the verdict is neither ``heartbeat``/``ok`` nor ``error``.
     An exception raised by the block itself comes out unchanged.
@@ -300,8 +314,6 @@ async def open_link(
     # We open the TCP stream ourselves (rather than trio-websocket's open_websocket_url) so
     # that it is closed on every path: trio-websocket leaves the socket of a rejected
     # handshake open.
-    from trio_websocket import ConnectionRejected
-
     check_url(url)
     shown = redact(url)
     host, port, host_header, target, tls = _endpoint(with_token(url, api_key))
@@ -309,7 +321,19 @@ async def open_link(
     try:
         with trio.fail_after(connect_timeout):
             if tls:
-                stream = await trio.open_ssl_over_tcp_stream(host, port, https_compatible=True)
+                tls_stream = await trio.open_ssl_over_tcp_stream(
+                    host,
+                    port,
+                    ssl_context=ssl_context or client_context(),
+                    https_compatible=True,
+                )
+                stream = tls_stream
+                try:
+                    await handshake(tls_stream, shown)
+                except BaseException:
+                    with trio.CancelScope(shield=True):
+                        await trio.aclose_forcefully(stream)
+                    raise
             else:
                 stream = await trio.open_tcp_stream(host, port)
     except trio.TooSlowError:
@@ -318,6 +342,8 @@ async def open_link(
         ) from None
     except OSError as exc:
         raise ConnectFailed(f"cannot connect to {shown}: {_os_reason(exc)}") from None
+    except trio.BrokenResourceError:
+        raise ConnectFailed(f"cannot connect to {shown}: the connection was closed") from None
 
     opened = False
     try:
@@ -354,12 +380,8 @@ async def open_link(
                 await link.close()
                 reader_scope.cancel()
     except BaseExceptionGroup as group:
-        error = single_error(group)
-        if error is None:
-            raise
-        if not opened and isinstance(error, ConnectionRejected):
-            raise _rejection(error, shown) from None
-        raise error from None
+        # Before the verdict, trio-websocket's refusal of the handshake means a failed connect.
+        raise_single_error(group, None if opened else lambda error: _rejection(error, shown))
     finally:
         with trio.CancelScope(shield=True):
             await trio.aclose_forcefully(stream)

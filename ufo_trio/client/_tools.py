@@ -8,6 +8,7 @@ first ``failure`` the rest are ``skipped``.
 
 from __future__ import annotations
 
+import enum
 import functools
 import inspect
 import json
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
+from ._schema import input_schema, split_docstring, type_schema
 from ._wire import (
     NO_ACTION_RESULT,
     SKIPPED_ERROR,
@@ -40,6 +42,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_NAMESPACE = "ufo_trio"
 #: Error texts from tools are cut to this length so one bad tool cannot bloat a frame.
 MAX_ERROR_LENGTH = 2000
+#: The meta tool every device answers (as the real UFO device does): its tool descriptors.
+LIST_TOOLS = "list_tools"
 
 
 class ToolError(Exception):
@@ -81,6 +85,31 @@ class Tool:
     parameters: Mapping[str, tuple[Any, bool]]
     accepts_extra: bool
     context_parameter: str | None
+    #: The full description (docstring text before its sections, or the one given).
+    long_description: str = ""
+    #: JSON Schema of the Command's ``parameters`` (see docs/sdk.md, "Tool descriptors").
+    input_schema: Mapping[str, Any] = attrs.field(factory=dict)
+    #: JSON Schema of the Result's ``result`` (from the return annotation; ``{}``: anything).
+    output_schema: Mapping[str, Any] = attrs.field(factory=dict)
+    #: Parameters annotated with an Enum class: their wire values become members.
+    enum_parameters: Mapping[str, type[enum.Enum]] = attrs.field(factory=dict)
+
+    @property
+    def tool_key(self) -> str:
+        """``"<tool_type>::<name>"``, the real device's key for a tool."""
+        return f"{self.tool_type}::{self.name}"
+
+    def descriptor(self) -> dict[str, Any]:
+        """This tool as one entry of a ``list_tools`` answer (the real UFO device's shape)."""
+        return {
+            "tool_key": self.tool_key,
+            "tool_name": self.name,
+            "namespace": self.namespace,
+            "tool_type": self.tool_type,
+            "description": self.long_description,
+            "input_schema": _copy(self.input_schema),
+            "output_schema": _copy(self.output_schema),
+        }
 
     def describe(self) -> dict[str, Any]:
         """A JSON summary: name, type, description and parameter names (for system info)."""
@@ -114,6 +143,7 @@ class ToolRegistry:
     def __init__(self, *, namespace: str = DEFAULT_NAMESPACE) -> None:
         self.namespace = namespace
         self._tools: dict[str, Tool] = {}
+        self._meta: dict[tuple[str, str], Tool] = {}
 
     def tool(
         self,
@@ -147,24 +177,13 @@ class ToolRegistry:
         tool_name = name if name is not None else getattr(function, "__name__", "")
         if not tool_name:
             raise ValueError("a tool needs a non-empty name")
+        if tool_name == LIST_TOOLS:
+            raise ValueError(f"{LIST_TOOLS!r} is reserved: every device answers it itself")
         if tool_type not in TOOL_TYPES:
             raise ValueError(f"tool_type must be 'data_collection' or 'action', got {tool_type!r}")
         if tool_name in self._tools and not replace:
             raise ValueError(f"a tool named {tool_name!r} is already registered")
-        spec = _inspect(function, tool_name)
-        if description is None:
-            description = inspect.getdoc(function) or ""
-        tool = Tool(
-            name=tool_name,
-            tool_type=tool_type,
-            function=function,
-            description=description.strip().splitlines()[0] if description.strip() else "",
-            namespace=self.namespace,
-            is_async=_is_async(function),
-            parameters=spec.parameters,
-            accepts_extra=spec.accepts_extra,
-            context_parameter=spec.context_parameter,
-        )
+        tool = _build(function, tool_name, tool_type, description, self.namespace)
         self._tools[tool_name] = tool
         return tool
 
@@ -181,6 +200,38 @@ class ToolRegistry:
 
     def get(self, name: str) -> Tool | None:
         return self._tools.get(name)
+
+    def descriptors(
+        self,
+        tool_type: ToolType | None = None,
+        namespace: str | None = None,
+        *,
+        include_meta: bool = False,
+    ) -> list[dict[str, Any]]:
+        """What ``list_tools`` answers: one descriptor per tool, in registration order,
+        optionally only of one *tool_type* / *namespace*. *include_meta* adds ``list_tools``
+        itself (once per tool type), like the real device's ``remove_meta=False``."""
+        out = [
+            tool.descriptor()
+            for tool in self._tools.values()
+            if (tool_type is None or tool.tool_type == tool_type)
+            and (namespace is None or tool.namespace == namespace)
+        ]
+        if include_meta and (namespace is None or namespace == self.namespace):
+            kinds: tuple[ToolType, ...] = (
+                ("action", "data_collection") if tool_type is None else (tool_type,)
+            )
+            out.extend(self._meta_tool(kind).descriptor() for kind in kinds)
+        return out
+
+    def _meta_tool(self, tool_type: ToolType) -> Tool:
+        key = (tool_type, self.namespace)
+        tool = self._meta.get(key)
+        if tool is None:
+            tool = self._meta[key] = _build(
+                _list_tools_signature, LIST_TOOLS, tool_type, None, self.namespace
+            )
+        return tool
 
     def names(self) -> list[str]:
         return sorted(self._tools)
@@ -202,6 +253,8 @@ class ToolRegistry:
     async def call(self, command: Command, context: ToolContext) -> ToolResult:
         """Run one Command and return its Result. Never raises except `trio.Cancelled`."""
         call_id = command.call_id
+        if command.tool_name == LIST_TOOLS:
+            return self._list_tools(command)
         tool = self._tools.get(command.tool_name)
         if tool is None:
             known = ", ".join(self.names()) or "none"
@@ -223,6 +276,9 @@ class ToolRegistry:
                 tool.namespace,
             )
         kwargs = dict(command.parameters or {})
+        for name, enum_class in tool.enum_parameters.items():
+            if kwargs.get(name) is not None:  # a checked value: the tool gets the member
+                kwargs[name] = enum_class(kwargs[name])
         if tool.context_parameter is not None:
             kwargs[tool.context_parameter] = context
         try:
@@ -244,6 +300,26 @@ class ToolRegistry:
                 tool.namespace,
             )
         return ToolResult(status="success", result=value, namespace=tool.namespace, call_id=call_id)
+
+    def _list_tools(self, command: Command) -> ToolResult:
+        # Any tool_type is accepted: the real device registers list_tools under both.
+        meta = self._meta_tool(command.tool_type)
+        given = command.parameters or {}
+        problems = check_parameters(meta, given)
+        if problems:
+            return _failure(
+                f"invalid parameters for tool {LIST_TOOLS!r}: {'; '.join(problems)}",
+                command.call_id,
+                self.namespace,
+            )
+        result = self.descriptors(
+            given.get("tool_type"),
+            given.get("namespace"),
+            include_meta=given.get("remove_meta", True) is False,
+        )
+        return ToolResult(
+            status="success", result=result, namespace=self.namespace, call_id=command.call_id
+        )
 
     async def run_batch(
         self,
@@ -270,6 +346,72 @@ class ToolRegistry:
                 results.append(result)
                 failed = result.status == "failure"
         return results
+
+
+def _list_tools_signature(
+    tool_type: typing.Literal["action", "data_collection"] | None = None,
+    namespace: str | None = None,
+    remove_meta: bool = True,
+) -> list[dict[str, Any]]:
+    """List the tools this device offers, with a JSON Schema of each tool's parameters.
+
+    Args:
+        tool_type: Only tools of this type ("action" or "data_collection"); all when null.
+        namespace: Only tools of this namespace; all when null.
+        remove_meta: Leave out list_tools itself (default true).
+    """
+    raise NotImplementedError  # pragma: no cover - only its signature and docstring are used
+
+
+def _build(
+    function: Callable[..., Any],
+    tool_name: str,
+    tool_type: ToolType,
+    description: str | None,
+    namespace: str,
+) -> Tool:
+    spec = _inspect(function, tool_name)
+    text, parameter_docs = split_docstring(inspect.getdoc(function) or "")
+    long_description = text if description is None else description.strip()
+    return Tool(
+        name=tool_name,
+        tool_type=tool_type,
+        function=function,
+        description=long_description.splitlines()[0] if long_description else "",
+        namespace=namespace,
+        is_async=_is_async(function),
+        parameters=spec.parameters,
+        accepts_extra=spec.accepts_extra,
+        context_parameter=spec.context_parameter,
+        long_description=long_description,
+        input_schema=input_schema(
+            spec.parameters, spec.defaults, parameter_docs, accepts_extra=spec.accepts_extra
+        ),
+        output_schema=type_schema(spec.returns),
+        enum_parameters={
+            name: enum_class
+            for name, (annotation, _required) in spec.parameters.items()
+            if (enum_class := _enum_class(annotation)) is not None
+        },
+    )
+
+
+def _enum_class(annotation: Any) -> type[enum.Enum] | None:
+    """The Enum class of an ``E`` or ``E | None`` annotation, else ``None``."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(members) != 1:
+            return None
+        annotation = members[0]
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return annotation
+    return None
+
+
+def _copy(schema: Mapping[str, Any]) -> dict[str, Any]:
+    # Descriptors leave the registry as JSON: a deep copy keeps callers from editing ours.
+    copied: dict[str, Any] = json.loads(json.dumps(schema))
+    return copied
 
 
 def _failure(
@@ -305,6 +447,8 @@ class _Spec:
     parameters: dict[str, tuple[Any, bool]]
     accepts_extra: bool
     context_parameter: str | None
+    defaults: dict[str, Any]
+    returns: Any
 
 
 def _inspect(function: Callable[..., Any], tool_name: str) -> _Spec:
@@ -313,6 +457,7 @@ def _inspect(function: Callable[..., Any], tool_name: str) -> _Spec:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"cannot read the signature of tool {tool_name!r}: {exc}") from None
     parameters: dict[str, tuple[Any, bool]] = {}
+    defaults: dict[str, Any] = {}
     accepts_extra = False
     context_parameter: str | None = None
     for param in signature.parameters.values():
@@ -328,7 +473,10 @@ def _inspect(function: Callable[..., Any], tool_name: str) -> _Spec:
             context_parameter = param.name
         else:
             parameters[param.name] = (annotation, param.default is inspect.Parameter.empty)
-    return _Spec(parameters, accepts_extra, context_parameter)
+            if param.default is not inspect.Parameter.empty:
+                defaults[param.name] = param.default
+    returns = _resolve(signature.return_annotation, function)
+    return _Spec(parameters, accepts_extra, context_parameter, defaults, returns)
 
 
 def _resolve(annotation: Any, function: Callable[..., Any]) -> Any:
@@ -390,6 +538,10 @@ def matches(value: Any, annotation: Any) -> bool:
         return any(matches(value, arg) for arg in args)
     if origin is typing.Literal:
         return any(value == arg and type(value) is type(arg) for arg in args)
+    if origin is typing.Annotated:
+        return matches(value, args[0])
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return any(value == member.value for member in annotation)
     if annotation is list or origin is list or origin is abc.Sequence:
         if not isinstance(value, list):
             return False
@@ -417,6 +569,10 @@ def _type_name(annotation: Any) -> str:
         return "|".join(_type_name(arg) for arg in args)
     if origin is typing.Literal:
         return "|".join(json.dumps(arg) for arg in args)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return "|".join(json.dumps(member.value) for member in annotation)
     if origin is list or origin is abc.Sequence:
         return f"array[{_type_name(args[0])}]" if args else "array"
     if origin is dict or origin is abc.Mapping:

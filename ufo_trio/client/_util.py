@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import trio
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
@@ -30,3 +30,20 @@ def single_error(group: BaseExceptionGroup[BaseException]) -> BaseException | No
     if len(leaves) == 1 and not isinstance(leaves[0], trio.Cancelled):
         return leaves[0]
     return None
+
+
+def raise_single_error(
+    group: BaseExceptionGroup[BaseException],
+    translate: Callable[[BaseException], BaseException] | None = None,
+) -> NoReturn:
+    """Re-raise *group* at a context manager's boundary, unwrapped when it holds one error.
+
+    Call it from ``except BaseExceptionGroup as group:`` around the nursery of an SDK context
+    manager. The one error `single_error` finds is raised bare (passed through *translate*
+    first, when given), without the group as its shown context; otherwise *group* itself
+    propagates unchanged.
+    """
+    error = single_error(group)
+    if error is None:
+        raise group
+    raise (error if translate is None else translate(error)) from None

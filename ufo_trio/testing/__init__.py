@@ -16,8 +16,10 @@ import trio_websocket
 
 from .._config import ServerConfig
 from .._server import Server, build_server, serve
+from .._tls import load_tls
 
 if TYPE_CHECKING:
+    import ssl
     from collections.abc import AsyncIterator
 
 __all__ = ["TEST_KEY", "MemoryServer", "RawClient", "connect", "open_memory_server", "open_server"]
@@ -82,14 +84,19 @@ class RawClient:
 
 @asynccontextmanager
 async def connect(
-    url: str, *, token: str | None = TEST_KEY, headers: list[tuple[bytes, bytes]] | None = None
+    url: str,
+    *,
+    token: str | None = TEST_KEY,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[RawClient]:
-    """Open a raw client to a real server URL (`token` appended as the query parameter)."""
+    """Open a raw client to a real server URL (`token` appended as the query parameter);
+    `ssl_context` verifies a `wss://` server."""
     if token is not None:
         url = f"{url}?token={urllib.parse.quote(token)}"
     # Like the real clients, accept frames up to 100 MiB (COMPAT-13).
     async with trio_websocket.open_websocket_url(
-        url, extra_headers=headers, max_message_size=100 * 1024 * 1024
+        url, extra_headers=headers, max_message_size=100 * 1024 * 1024, ssl_context=ssl_context
     ) as ws:
         try:
             yield RawClient(ws)
@@ -108,13 +115,19 @@ class MemoryServer:
     server: Server
     _nursery: trio.Nursery
 
-    async def connect(self, resource: str = f"/ws?token={TEST_KEY}") -> RawClient:
-        """Open a WebSocket client on a fresh in-memory connection to the server."""
+    async def connect(
+        self, resource: str = f"/ws?token={TEST_KEY}", *, ssl_context: ssl.SSLContext | None = None
+    ) -> RawClient:
+        """Open a WebSocket client on a fresh in-memory connection to the server (through TLS
+        with `ssl_context`, for a server with `tls_cert`; the host name is `localhost`)."""
         client_stream, server_stream = trio.testing.memory_stream_pair()
         self.server.spawn_connection(server_stream)
+        stream: trio.abc.Stream = client_stream
+        if ssl_context is not None:
+            stream = trio.SSLStream(client_stream, ssl_context, server_hostname="localhost")
         ws = await trio_websocket.wrap_client_stream(
             self._nursery,
-            client_stream,  # type: ignore[arg-type]  # any Stream works; the stub is narrow
+            stream,  # type: ignore[arg-type]  # any Stream works; the stub is narrow
             "localhost",
             resource,
         )
@@ -131,7 +144,11 @@ async def open_memory_server(
     config: ServerConfig | None = None, **overrides: Any
 ) -> AsyncIterator[MemoryServer]:
     """Run a server whose clients connect through `MemoryServer.connect`."""
-    server = build_server(_config(config, overrides))
+    config = _config(config, overrides)
+    tls = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        tls = await load_tls(config.tls_cert, config.tls_key)
+    server = build_server(config, tls=tls)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run, [])
         try:
