@@ -55,6 +55,7 @@ REGISTRATION_OUTCOMES: Final = (
     "registration_timeout",
     "unknown_target",
     "duplicate_client_id",
+    "binary_not_supported",
 )
 #: `error_frames_total{code}`: every `code` of Appendix A plus `rate_limited` of `--message-rate`.
 ERROR_CODES: Final = (

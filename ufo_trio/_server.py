@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections import Counter
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -13,9 +14,11 @@ import trio
 from ._agents import AgentFactory, load_agent_factory
 from ._api import Api, ApiContext
 from ._context import Auth, ServerContext
+from ._dashboard import Dashboard
 from ._endpoint import handle_stream
 from ._handlers import AipHandler
 from ._http import HttpService
+from ._metrics import Metrics, MetricsExporter, NullMetrics
 from ._registry import Registry
 from ._rules import SHUTTING_DOWN
 from ._sessions import SessionManager
@@ -24,6 +27,7 @@ from ._tls import ServerTLS, load_tls
 if TYPE_CHECKING:
     from ._config import ServerConfig
     from ._connection import Connection
+    from ._messages import ClientType
 
 log = logging.getLogger("ufo_trio")
 
@@ -65,14 +69,30 @@ class Server:
     tls: ServerTLS | None = None
 
     def __attrs_post_init__(self) -> None:
+        config = self.config
         self.context = ServerContext(
-            config=self.config,
+            config=config,
             registry=self.registry,
-            auth=Auth.build(self.api_key, self.config.allowed_origins),
+            auth=Auth.build(self.api_key, config.allowed_origins),
+            metrics=Metrics(agents=(config.agent,)) if config.metrics else NullMetrics(),
         )
         self.sessions = SessionManager(self.context, self.agent_factory)
         self.handler = AipHandler(self.context, self.sessions)
-        api = Api(ApiContext(shared=self.context, sessions=self.sessions))
+        exporter = None
+        if config.metrics:
+            exporter = MetricsExporter(
+                self.context.metrics,
+                registered=partial(_count_by_role, self.registry),
+                live_sessions=lambda: len(self.sessions.live),
+            )
+        api = Api(
+            ApiContext(
+                shared=self.context,
+                sessions=self.sessions,
+                exporter=exporter,
+                dashboard=Dashboard(),
+            )
+        )
         self.http = HttpService(api.respond, self.context.shutdown)
 
     # The shutdown state and the credentials live in `context`; these read them for the listener
@@ -158,6 +178,11 @@ class Server:
             await self.sessions.cancel_all(SHUTTING_DOWN)
         for conn in list(self.connections):  # SHUT-2
             conn.close(1001, "server shutting down")
+
+
+def _count_by_role(registry: Registry) -> Counter[ClientType]:
+    """Registered clients per role, for the `connections` gauge (read at scrape time)."""
+    return Counter(entry.role for entry in registry)
 
 
 def build_server(

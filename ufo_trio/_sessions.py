@@ -137,6 +137,8 @@ class Session:
     executor_id: str
     agent: Agent
     started_at: str = attrs.field(factory=_wall_now)
+    #: trio time at creation (task duration in the metrics).
+    started: float = attrs.field(factory=trio.current_time)
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     cancel_reason: str | None = None
     done: trio.Event = attrs.field(factory=trio.Event)
@@ -172,6 +174,8 @@ class Session:
         waiter = _Waiter(commands)
         self.waiters[response_id] = waiter
         config = self.manager.context.config
+        metrics = self.manager.context.metrics
+        sent = trio.current_time()
         try:
             try:
                 await self.executor.send(
@@ -187,6 +191,7 @@ class Session:
                         response_id=response_id,
                     )
                 )
+                metrics.commands_out(len(commands))
                 log.debug(
                     "session %s: COMMAND %s to %s",
                     shown(self.session_id),
@@ -198,6 +203,7 @@ class Session:
             with trio.move_on_after(config.command_timeout):
                 await waiter.done.wait()
             if waiter.results is None:  # CMD-6
+                metrics.command_timed_out()
                 log.info(
                     "session %s: no results for %s within %gs",
                     shown(self.session_id),
@@ -208,6 +214,7 @@ class Session:
                     commands,
                     f"timeout: no command results received within {config.command_timeout:g} s",
                 )
+            metrics.command_answered(trio.current_time() - sent)
             return waiter.results
         finally:
             self.waiters.pop(response_id, None)
@@ -304,7 +311,9 @@ class SessionManager:
         if isinstance(verdict, Reject):
             if verdict is _rules.TOO_MANY_SESSIONS:  # TASK-6
                 limit = config.max_sessions_per_client
-                log_refusal(conn.label, "max-sessions-per-client", f"{limit} live sessions")
+                log_refusal(
+                    context.metrics, conn.label, "max-sessions-per-client", f"{limit} live sessions"
+                )
             await self._refuse_task(conn, entry.role, msg, verdict)
             return
         executor_entry = verdict.executor
@@ -463,6 +472,9 @@ class SessionManager:
                 finished_at=_wall_now(),
             )
         )
+        context = self.context
+        duration = trio.current_time() - session.started
+        context.metrics.task_ended(status.value, context.config.agent, duration)
         log.info(
             "session %s ended: %s%s",
             shown(session.session_id),
@@ -476,7 +488,7 @@ class SessionManager:
             for conn in recipients:  # END-3: the requester's copy is written first
                 if conn.is_open:
                     try:
-                        await conn.send_text(text)
+                        await conn.send_text(text, ServerMessageType.TASK_END)
                     except ConnectionGone:
                         pass
 
