@@ -64,8 +64,30 @@
         executor_id: s.executor_id, created_at: s.started_at, agent: null, commands: null,
         last_tool: null, status: "running",
       }));
+      data.recent = await endedSinceOpened(data.running);
+      data.hour = data.recent;
     }
     return data;
+  }
+
+  // Without the task history, the page remembers the sessions it saw running and, once one is
+  // gone, asks /api/task_result for how it ended: "recent" then lists what ended while this tab
+  // was open (a task that starts and ends between two polls is not seen).
+  const watched = new Map();
+  let seenEnded = [];
+  async function endedSinceOpened(running) {
+    const live = new Set(running.map((t) => t.session_id));
+    for (const t of running) watched.set(t.session_id, t);
+    for (const [sid, t] of Array.from(watched)) {
+      if (live.has(sid)) continue;
+      watched.delete(sid);
+      const r = await api("/api/task_result/" + encodeURIComponent(t.task_name));
+      const status = r && r.status === "done" ? "completed" : (r && r.status === "failed" ? "failed" : null);
+      if (status === null) continue; // unknown (e.g. evicted): nothing to show
+      seenEnded.unshift(Object.assign({}, t, { status: status, error: r.error || null, ended_at: new Date().toISOString() }));
+    }
+    seenEnded = seenEnded.slice(0, 50);
+    return seenEnded;
   }
 
   // Older servers: /api/clients has the online ids only (no roles), /api/sessions the rest.
@@ -153,8 +175,8 @@
     const ended = data.hour.filter((t) => t.status !== "running");
     $("n-devices").textContent = String(devices.filter((d) => d.online).length);
     $("n-running").textContent = String(data.running.length);
-    $("n-completed").textContent = data.history ? String(ended.filter((t) => t.status === "completed").length) + (data.hourCapped ? "+" : "") : "–";
-    $("n-failed").textContent = data.history ? String(ended.filter((t) => t.status === "failed").length) + (data.hourCapped ? "+" : "") : "–";
+    $("n-completed").textContent = String(ended.filter((t) => t.status === "completed").length) + (data.hourCapped ? "+" : "");
+    $("n-failed").textContent = String(ended.filter((t) => t.status === "failed").length) + (data.hourCapped ? "+" : "");
     drawChart(ended);
 
     fill("devices", devices.map((d) => ({ item: d, cells: [
@@ -180,10 +202,6 @@
       ] };
     }), 6, "No session is running.");
 
-    if (!data.history) {
-      fill("recent", [], 6, "This server keeps no task history (/api/tasks is not available).");
-      return;
-    }
     fill("recent", data.recent.map((t) => {
       const start = ms(t.created_at);
       const end = ms(t.ended_at);
@@ -193,7 +211,8 @@
         el("td", start !== null && end !== null ? duration((end - start) / 1000) : (start !== null ? duration((Date.now() - start) / 1000) : "–")),
         el("td", t.error),
       ] };
-    }), 6, "No tasks yet.", (t) => showTranscript(t.session_id));
+    }), 6, data.history ? "No tasks yet." : "No task has ended since this page was opened (this server keeps no task history).",
+    data.history ? (t) => showTranscript(t.session_id) : undefined);
   }
 
   function drawChart(ended) {
