@@ -1,24 +1,33 @@
-"""Issue 12: the dashboard page in a real headless Chromium, against a stand-in of the JSON API.
+"""Issue 12: the dashboard page in a real headless Chromium.
 
-The stand-in (tests/browser.py) serves the package's own files with the headers of
-`ufo_trio._dashboard` and answers the contract of /work/notes/api_contract.md with fixed data.
-The same checks against the real server, with devices connected, are phase 2.
+Against the REAL server with real SDK devices (`open_server`, `open_device`): the page loads with
+the key and lists the devices, a task run during the test shows as running and then completed, a
+device that disconnects leaves the list (or turns offline where the server has `/api/devices`),
+a wrong key gets a clear message, and a hostile device id renders as text. Selenium calls block,
+so they run in a worker thread (`trio.to_thread.run_sync`) while the server answers on the Trio
+thread.
+
+Against a stand-in of the JSON API (tests/browser.py) with fixed data in the shapes of the task
+history (issue 11): the history views (offline devices, recent tasks, the chart, transcripts)
+and a hostile hostname without the CSP. Few tests, one browser for the run: CI stays fast.
 """
 
 from __future__ import annotations
 
+import functools
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import pytest
+import trio
 from browser import KEY, XSS, StandIn
+
+from ufo_trio.client import Command, Plan, ToolRegistry, open_constellation, open_device
+from ufo_trio.testing import open_server
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from selenium.webdriver.remote.webdriver import WebDriver
-
-
 
 
 def wait_for(condition: Callable[[], object], what: str, timeout: float = 15.0) -> object:
@@ -113,10 +122,11 @@ def test_page_asks_for_the_key_then_shows_the_fleet(chromium: WebDriver) -> None
         assert csp_violations(chromium) == []
 
 
-@pytest.mark.parametrize("csp", [True, False], ids=["with-csp", "without-csp"])
-def test_hostile_ids_render_as_text(chromium: WebDriver, csp: bool) -> None:
-    # Without the CSP header the rendering itself must be safe (textContent, never innerHTML).
-    with StandIn(csp=csp) as server:
+def test_hostile_ids_render_as_text_even_without_csp(chromium: WebDriver) -> None:
+    # Without the CSP header the rendering itself must be safe (textContent, never innerHTML);
+    # the stand-in also serves a hostile hostname, which only the task history's /api/devices
+    # carries. The real server's test below covers the id with the CSP on.
+    with StandIn(csp=False) as server:
         chromium.get(server.url + "/dashboard")
         sign_in(chromium, KEY)
         wait_for(lambda: any(r[0] == XSS for r in rows(chromium, "devices")), "the hostile row")
@@ -130,29 +140,110 @@ def test_hostile_ids_render_as_text(chromium: WebDriver, csp: bool) -> None:
         assert chromium.execute_script("return window.__dialogs") == ["alert:canary"]
 
 
-def test_wrong_key_shows_a_clear_message(chromium: WebDriver) -> None:
-    with StandIn() as server:
-        chromium.get(server.url + "/")
-        sign_in(chromium, "not-the-key")
-        wait_for(lambda: "401" in text_of(chromium, "login-message"), "the 401 message")
-        assert "Wrong API key" in text_of(chromium, "login-message")
-        assert not visible(chromium, "board")
-        # The wrong key is not kept; the right one then works.
-        assert chromium.execute_script("return sessionStorage.length") == 0
-        sign_in(chromium, KEY)
-        wait_for(lambda: visible(chromium, "board"), "the dashboard")
-        assert text_of(chromium, "login-message") == ""
+# ------------------------------------------------------------------------- the real server
 
 
-def test_falls_back_to_clients_and_sessions(chromium: WebDriver) -> None:
-    # A server without the task history (404 on /api/devices and /api/tasks).
-    with StandIn(history=False) as server:
-        chromium.get(server.url + "/")
-        sign_in(chromium, KEY)
-        wait_for(lambda: visible(chromium, "board"), "the dashboard")
-        wait_for(lambda: len(rows(chromium, "running")) == 1, "the running session")
-        assert rows(chromium, "running")[0][:2] == ["open-notepad", "galaxy-main → lab-win-01"]
-        ids = [r[0] for r in rows(chromium, "devices")]
-        assert "lab-win-01" in ids
-        assert XSS in ids
-        assert "task history" in rows(chromium, "recent")[0][0]
+async def in_browser(function: Callable[..., Any], *args: Any) -> Any:
+    """Run a blocking Selenium step in a worker thread; the server keeps serving meanwhile."""
+    return await trio.to_thread.run_sync(functools.partial(function, *args))
+
+
+def device_ids(driver: WebDriver) -> list[str]:
+    return [row[0] for row in rows(driver, "devices") if not row[0].startswith("No devices")]
+
+
+async def test_real_server_devices_a_task_and_a_disconnect(chromium: WebDriver) -> None:
+    release = trio.Event()
+    tools = ToolRegistry()
+
+    @tools.tool("hold")
+    async def hold() -> str:
+        """Wait until the test lets the task finish."""
+        await release.wait()
+        return "released"
+
+    async with open_server(api_key=KEY) as server, trio.open_nursery() as nursery:
+        url = f"http://127.0.0.1:{server.port}"
+        async with open_device(server.url, "lab-1", api_key=KEY, tools=tools):
+            lab2_done = trio.Event()
+
+            async def lab2() -> None:
+                async with open_device(server.url, "lab-2", api_key=KEY):
+                    await lab2_done.wait()
+
+            nursery.start_soon(lab2)
+            async with open_constellation(server.url, "galaxy", api_key=KEY) as galaxy:
+                with trio.fail_after(10):
+                    while len(server.registry) < 3:
+                        await trio.sleep(0.01)
+
+                def load_page_with_a_wrong_key_then_the_right_one() -> None:
+                    chromium.get(url + "/")
+                    sign_in(chromium, "not-the-key")
+                    wait_for(lambda: "401" in text_of(chromium, "login-message"), "the 401")
+                    assert "Wrong API key" in text_of(chromium, "login-message")
+                    assert not visible(chromium, "board")
+                    assert chromium.execute_script("return sessionStorage.length") == 0
+                    sign_in(chromium, KEY)
+                    wait_for(lambda: visible(chromium, "board"), "the dashboard")
+                    wait_for(
+                        lambda: {"lab-1", "lab-2"} <= set(device_ids(chromium)), "both devices"
+                    )
+
+                await in_browser(load_page_with_a_wrong_key_then_the_right_one)
+
+                outcome: list[Any] = []
+
+                async def run_task() -> None:
+                    plan = Plan.of(Command(tool_name="hold"))
+                    outcome.append(await galaxy.run_task("lab-1", plan, task_name="nightly-check"))
+
+                nursery.start_soon(run_task)
+
+                def running_row() -> list[str] | None:
+                    return next(
+                        (r for r in rows(chromium, "running") if r[0] == "nightly-check"), None
+                    )
+
+                row = await in_browser(wait_for, running_row, "the running task")
+                assert row[1] == "galaxy → lab-1"
+                assert text_of(chromium, "n-running") == "1"
+                release.set()
+
+                def completed_row() -> list[str] | None:
+                    return next(
+                        (r for r in rows(chromium, "recent") if r[1:2] == ["nightly-check"]), None
+                    )
+
+                row = await in_browser(wait_for, completed_row, "the completed task")
+                assert row[0] == "completed"
+                assert rows(chromium, "running")[0][0] == "No session is running."
+                assert text_of(chromium, "n-completed") == "1"
+                assert outcome and outcome[0].status == "completed"
+
+                # lab-2 disconnects: gone from the list (this server keeps no device history).
+                lab2_done.set()
+                await in_browser(
+                    wait_for, lambda: "lab-2" not in device_ids(chromium), "lab-2 to leave"
+                )
+                assert "lab-1" in device_ids(chromium)
+                assert text_of(chromium, "n-devices") == "2"  # lab-1 and galaxy (no roles here)
+                assert csp_violations(chromium) == []
+                # The key never travelled in a URL.
+                assert KEY not in chromium.current_url
+
+
+async def test_real_server_hostile_device_id_renders_as_text(chromium: WebDriver) -> None:
+    async with open_server(api_key=KEY) as server:
+        async with open_device(server.url, XSS, api_key=KEY):
+
+            def check() -> None:
+                chromium.get(f"http://127.0.0.1:{server.port}/dashboard")
+                sign_in(chromium, KEY)
+                wait_for(lambda: XSS in device_ids(chromium), "the hostile row")
+                assert chromium.execute_script("return document.querySelectorAll('main img').length") == 0
+                time.sleep(0.5)  # give a would-be onerror handler time to fire
+                assert chromium.execute_script("return window.__dialogs") == []
+                assert csp_violations(chromium) == []
+
+            await in_browser(check)
