@@ -219,7 +219,10 @@ async def test_real_server_devices_a_task_and_a_disconnect(chromium: WebDriver) 
                 assert row[0] == "completed"
                 assert rows(chromium, "running")[0][0] == "No session is running."
                 assert text_of(chromium, "n-completed") == "1"
-                assert outcome and outcome[0].status == "completed"
+                with trio.fail_after(5):  # the constellation's TASK_END, too
+                    while not outcome:
+                        await trio.sleep(0.01)
+                assert outcome[0].status == "completed"
 
                 # lab-2 disconnects: gone from the list (this server keeps no device history).
                 lab2_done.set()
