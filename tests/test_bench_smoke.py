@@ -92,6 +92,13 @@ def test_smoke_against_ufo_trio(tmp_path: Path) -> None:
         assert hb_tls["server_exit"] == idle_tls["server_exit"] == 0
     assert "| heartbeat ×10 (TLS) | server CPU µs / round trip |" in record["table"]
     assert "| ufo_trio ws:// | ufo_trio wss:// |" in record["table"]
+    # Issue 12: heartbeats with metrics on and with --no-metrics in the same run.
+    for kind in ("ufo_trio", "ufo_trio--no-metrics"):
+        hb_metrics = results["heartbeat-10-metrics"][kind][0]
+        assert hb_metrics["errors"] == 0
+        assert hb_metrics["round_trips"] > 0
+        assert hb_metrics["server_exit"] == 0
+    assert "| ufo_trio --no-metrics | ufo_trio (metrics on) |" in record["table"]
 
 
 def test_client_codec_round_trip() -> None:
