@@ -269,8 +269,8 @@ class AipHandler:
 
     async def handle_frame(self, conn: Connection, raw: str) -> None:
         """Decode one frame (WIRE-6), check the pinned identity (§3.3), hand it to its handler."""
-        start = trio.current_time()
         metrics = self.context.metrics
+        start = metrics.now()
         try:
             msg = decode_client_message(raw)
         except DecodeError as exc:
@@ -287,7 +287,7 @@ class AipHandler:
         kind = msg.type
         if kind is ClientMessageType.HEARTBEAT:
             await conn.send_text(encode_heartbeat_ack(), ServerMessageType.HEARTBEAT)
-            metrics.heartbeat_handled(trio.current_time() - start)
+            metrics.heartbeat_handled(metrics.now() - start)
         elif kind is ClientMessageType.TASK:
             await self.sessions.handle_task(conn, msg)
         elif kind is ClientMessageType.COMMAND_RESULTS:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 from typing import TYPE_CHECKING, Final, Literal
 
+import trio
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -171,6 +172,7 @@ class Metrics:
         "heartbeat_handling",
         "http_connections",
         "model_call_latency",
+        "now",
         "task_duration",
         "ws_connections",
     )
@@ -203,6 +205,9 @@ class Metrics:
         self.command_round_trip = Histogram(COMMAND_ROUND_TRIP_BUCKETS)
         self.model_call_latency = Histogram(MODEL_CALL_BUCKETS)
         self.heartbeat_handling = Histogram(HEARTBEAT_BUCKETS)
+        #: The clock of the per-frame timing (`heartbeat_handled`): trio's, or a constant in
+        #: `NullMetrics`, so that metrics off also means no clock reads on the hot path.
+        self.now: Callable[[], float] = trio.current_time
 
     # --- per frame (hot path) ----------------------------------------------------------------
     def frame_received(self, kind: FrameKind) -> None:
@@ -283,6 +288,10 @@ class NullMetrics(Metrics):
 
     __slots__ = ()
 
+    def __init__(self, *, agents: Sequence[str] = ("script",)) -> None:
+        super().__init__(agents=agents)
+        self.now = _zero
+
     def frame_received(self, kind: FrameKind) -> None:
         pass
 
@@ -330,6 +339,10 @@ class NullMetrics(Metrics):
 
     def http_closed(self) -> None:
         pass
+
+
+def _zero() -> float:
+    return 0.0
 
 
 def _no_registered() -> Mapping[ClientType, int]:
