@@ -788,12 +788,167 @@ async def scenario_bigresult(target: Target, args: argparse.Namespace) -> dict[s
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# The llm agent (issue 10). The server runs with --llm-base-url pointing at bench.fakemodel,
+# whose rule reads `steps=<n>` from the task text.
+
+BENCH_TOOLS = [
+    {
+        "tool_key": "action::bench_tool",
+        "tool_name": "bench_tool",
+        "namespace": "bench",
+        "tool_type": "action",
+        "description": "Does nothing, quickly.",
+        "input_schema": {"type": "object", "properties": {"n": {"type": "integer"}}, "required": []},
+        "output_schema": {"type": "object", "properties": {}},
+    }
+]
+
+
+def answer_command(client_id: str, frame: bytes, result: Any) -> bytes:
+    """COMMAND_RESULTS: the tool descriptors for `list_tools`, else `result` for every call."""
+    command = _loads(frame)
+    actions = command.get("actions") or []
+    if actions and actions[0].get("tool_name") == "list_tools":
+        return command_results(client_id, command, BENCH_TOOLS)
+    return command_results(client_id, command, result)
+
+
+def device_task(client_id: str, request: str) -> bytes:
+    return encode_text(
+        _dumps(
+            _client_message(
+                type="task", status="continue", client_id=client_id, request=request,
+                request_id=f"bench-{client_id}", metadata={"platform": "linux"},
+            )
+        )
+    )  # fmt: skip
+
+
+async def run_llm_pair_task(pair: TaskPair, session_id: str, request: str) -> None:
+    await pair.run_task(session_id, task(pair.const_id, pair.device_id, session_id, request))
+
+
+async def scenario_llmsteps(target: Target, args: argparse.Namespace) -> dict[str, Any]:
+    """Server CPU per step: one llm task of `steps` steps (one tool call each; the model answers
+    at once and runs in another process) against one script task of as many steps."""
+    pair = TaskPair(target, "ok")
+    await pair.open()
+    script = json.dumps(
+        {"steps": [[{"tool_name": "bench_tool", "tool_type": "action", "parameters": {"n": i}}]
+                   for i in range(args.steps)]}
+    )  # fmt: skip
+    llm_request = f"steps={args.steps}"
+
+    async def serve_device() -> None:
+        assert pair.device is not None
+        while True:
+            frame = await pair.device.recv()
+            if sniff_type(frame) == "command":
+                await pair.device.send(answer_command(pair.device_id, frame, "ok"))
+
+    llm_meter, script_meter = Meter(target.pid), Meter(target.pid)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_device)
+        await run_llm_pair_task(pair, "warm-llm", "steps=2")  # warm the model connection
+        await pair.run_task("warm-script", task(pair.const_id, pair.device_id, "warm-script", script))
+        llm_meter.start()
+        for i in range(args.count):
+            await run_llm_pair_task(pair, f"llm-{i}", llm_request)
+        llm_meter.stop()
+        script_meter.start()
+        for i in range(args.count):
+            sid = f"script-{i}"
+            await pair.run_task(sid, task(pair.const_id, pair.device_id, sid, script))
+        script_meter.stop()
+        nursery.cancel_scope.cancel()
+    await pair.close()
+    steps = args.steps * args.count
+    # The llm task also sends list_tools and makes one model call more than it has steps.
+    llm_us = llm_meter.server_cpu / steps * 1e6
+    script_us = script_meter.server_cpu / steps * 1e6
+    return {
+        "steps": steps,
+        "llm_cpu_us_per_step": llm_us,
+        "script_cpu_us_per_step": script_us,
+        "llm_over_script": llm_us / script_us if script_us else math.nan,
+        "llm_wall_s": llm_meter.wall,
+        "script_wall_s": script_meter.wall,
+    }
+
+
+async def scenario_llmconcurrent(target: Target, args: argparse.Namespace) -> dict[str, Any]:
+    """`conns` devices each run one llm task of `steps` steps at once (the model answers every
+    call after its delay); `hb_conns` other devices heartbeat all along. Wall time to finish all,
+    heartbeat RTT p99 idle vs during."""
+    hb_conns, failures = await join_many(
+        target, [register_device(f"bench-hb-{i}") for i in range(args.hb_conns)], args.concurrency
+    )
+    workers, more = await join_many(
+        target, [register_device(f"bench-llm-{i}") for i in range(args.conns)], args.concurrency
+    )
+    failures += more
+    if failures:
+        raise ScenarioError(f"{len(failures)} registrations failed: {failures[0]}")
+    idle: list[float] = []
+    during: list[float] = []
+    phase = {"samples": idle}
+
+    async def beat(index: int, conn: Conn) -> None:
+        frame = heartbeat(f"bench-hb-{index}")
+        while True:
+            t0 = time.perf_counter()
+            await conn.send(frame)
+            while not (await conn.recv()).startswith(HEARTBEAT_OK_PREFIX):
+                pass
+            phase["samples"].append(time.perf_counter() - t0)
+            await trio.sleep(0.05)
+
+    ends: list[float] = []
+
+    async def work(index: int, conn: Conn) -> None:
+        client_id = f"bench-llm-{index}"
+        await conn.send(device_task(client_id, f"steps={args.steps}"))
+        while True:
+            frame = await conn.recv()
+            kind = sniff_type(frame)
+            if kind == "command":
+                await conn.send(answer_command(client_id, frame, "ok"))
+            elif kind == "task_end":
+                if b'"status":"completed"' not in frame[:200]:
+                    raise ScenarioError(f"task failed: {_loads(frame).get('error')!r}")
+                ends.append(time.perf_counter())
+                return
+
+    meter = Meter(target.pid)
+    async with trio.open_nursery() as nursery:
+        for index, conn in hb_conns.items():
+            nursery.start_soon(beat, index, conn)
+        await trio.sleep(2.0)
+        phase["samples"] = during
+        meter.start()
+        async with trio.open_nursery() as tasks:
+            for index, conn in workers.items():
+                tasks.start_soon(work, index, conn)
+        meter.stop()
+        nursery.cancel_scope.cancel()
+    await close_many([*hb_conns.values(), *workers.values()])
+    out: dict[str, Any] = {"tasks": len(ends), "steps": args.steps}
+    out.update(meter.report(len(ends), "task"))
+    out["hb_idle"] = latency_summary(idle)
+    out["hb_during"] = latency_summary(during)
+    out["hb_p99_ratio"] = out["hb_during"]["p99_ms"] / out["hb_idle"]["p99_ms"]
+    return out
+
+
 SCENARIOS: dict[str, Callable[[Target, argparse.Namespace], Awaitable[dict[str, Any]]]] = {
     "idle": scenario_idle,
     "heartbeat": scenario_heartbeat,
     "storm": scenario_storm,
     "tasks": scenario_tasks,
     "bigresult": scenario_bigresult,
+    "llmsteps": scenario_llmsteps,
+    "llmconcurrent": scenario_llmconcurrent,
 }
 
 
@@ -821,6 +976,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=1000, help="tasks to run")
     parser.add_argument("--size", type=int, default=4 * 2**20, help="bigresult bytes")
     parser.add_argument("--cycles", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3, help="steps per llm task")
+    parser.add_argument("--hb-conns", type=int, default=100, help="heartbeating devices")
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--settle", type=float, default=1.0)

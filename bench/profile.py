@@ -23,16 +23,19 @@ import tempfile
 import time
 from pathlib import Path
 
+import attrs
+
 from . import _proc
 from .run import (
     LIMIT,
     UFO,
     Options,
-    Scenario,
     choose_cpus,
     detect_json_lib,
     finish_loadgen,
+    llm_args,
     plan,
+    start_fake_model,
     start_loadgen,
     start_server,
 )
@@ -127,11 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     warmup = float(params.get("warmup", 1.0))
     if "duration" in params:
         params["duration"] = args.seconds + 2.0
-    scenario = Scenario(
-        name=base.name, kind=base.kind, title=base.title, params=params, servers=base.servers
-    )
+    scenario = attrs.evolve(base, params=params)
 
-    server = start_server(args.server, opts, f"profile-{args.server}")
+    model = None
+    if base.model_delay is not None:  # the llm scenarios: the fake model, as `python -m bench`
+        model, base_url = start_fake_model(base.model_delay, opts, f"profile-{args.server}")
+        opts = attrs.evolve(opts, ufo_args=(*opts.ufo_args, *llm_args(base_url)))
+    try:
+        server = start_server(args.server, opts, f"profile-{args.server}")
+    except BaseException:
+        if model is not None:
+            model.kill()
+            model.wait()
+        raise
     folded = outdir / f"{args.server}-{scenario.name}.folded"
     try:
         gen = start_loadgen(server, scenario, opts)
@@ -161,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         result = finish_loadgen(gen, scenario.timeout + 60)
     finally:
         status = server.stop()
+        if model is not None:
+            model.kill()
+            model.wait()
     print(f"# {args.server} under {scenario.name}: server exit {status}")
     if "error" in result:
         print(f"load generator: {result['error']}")

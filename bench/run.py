@@ -56,6 +56,8 @@ class Scenario:
     params: dict[str, Any]
     servers: tuple[str, ...] = (LIMIT, UFO)
     timeout: float = 300.0
+    #: Seconds the fake model (bench.fakemodel) holds each answer; None: no model for this one.
+    model_delay: float | None = None
 
     @property
     def tls(self) -> bool:
@@ -140,6 +142,24 @@ def plan(smoke: bool, duration: float) -> list[Scenario]:
                 servers=METRICS_PAIR,
                 timeout=30,
             ),
+            Scenario(
+                name="llm-steps",
+                kind="llmsteps",
+                title="llm task, 5 steps",
+                params={"steps": 5, "count": 2},
+                servers=(UFO,),
+                timeout=60,
+                model_delay=0.0,
+            ),
+            Scenario(
+                name="llm-concurrent",
+                kind="llmconcurrent",
+                title="llm tasks ×10 concurrent, 2 steps, model 0.2 s",
+                params={"conns": 10, "hb-conns": 5, "steps": 2},
+                servers=(UFO,),
+                timeout=60,
+                model_delay=0.2,
+            ),
         ]
     hb = {"duration": duration, "warmup": 1.0}
     return [
@@ -201,6 +221,22 @@ def plan(smoke: bool, duration: float) -> list[Scenario]:
             title="heartbeat ×100",
             params={"conns": 100, **hb},
             servers=METRICS_PAIR,
+        ),
+        Scenario(
+            name="llm-steps",
+            kind="llmsteps",
+            title="llm tasks of 50 steps ×10 (model answers at once)",
+            params={"steps": 50, "count": 10},
+            servers=(UFO,),
+            model_delay=0.0,
+        ),
+        Scenario(
+            name="llm-concurrent",
+            kind="llmconcurrent",
+            title="llm tasks ×500 concurrent, 3 steps, model 1 s",
+            params={"conns": 500, "hb-conns": 100, "steps": 3},
+            servers=(UFO,),
+            model_delay=1.0,
         ),
     ]
 
@@ -387,12 +423,60 @@ def run_loadgen(server: ServerProc, scenario: Scenario, opts: Options) -> dict[s
     return finish_loadgen(start_loadgen(server, scenario, opts), scenario.timeout + 60)
 
 
+def start_fake_model(delay: float, opts: Options, label: str) -> tuple[subprocess.Popen[bytes], str]:
+    """bench.fakemodel in its own process (its CPU is not the server's); returns its base URL."""
+    log = opts.logdir / f"{label}-model.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.fakemodel", f"--delay={delay}"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=REPO, env=child_env(),
+        )  # fmt: skip
+    _proc.pin(proc.pid, opts.gen_cpu)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        m = re.search(r"listening on (\S+)", log.read_text(errors="replace"))
+        if m:
+            return proc, m.group(1)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    raise ServerUnavailable(f"the fake model did not start: {log.read_text(errors='replace')[-300:]}")
+
+
+def llm_args(base_url: str) -> tuple[str, ...]:
+    """The server flags of the llm scenarios: the fake model, limits out of the way."""
+    return (
+        "--llm-base-url", base_url, "--llm-model", "bench",
+        "--llm-max-steps", "1000", "--llm-max-connections", "1000",
+    )  # fmt: skip
+
+
 def run_one(kind: str, scenario: Scenario, opts: Options, label: str) -> dict[str, Any]:
-    server = start_server(kind, opts, label)
+    model: subprocess.Popen[bytes] | None = None
+    if scenario.model_delay is not None:
+        model, base_url = start_fake_model(scenario.model_delay, opts, label)
+        opts = attrs.evolve(opts, ufo_args=(*opts.ufo_args, *llm_args(base_url)))
+    try:
+        server = start_server(kind, opts, label)
+    except BaseException:
+        if model is not None:
+            model.kill()
+            model.wait()
+        raise
     try:
         result = run_loadgen(server, scenario, opts)
     finally:
         status = server.stop()
+        if model is not None:
+            model.send_signal(signal.SIGINT)
+            try:
+                model.wait(10)
+            except subprocess.TimeoutExpired:
+                model.kill()
+                model.wait()
     result["server_exit"] = status
     if status != 0 and "error" not in result:
         result["error"] = f"server exit status {status} after SIGINT (expected 0)"
@@ -541,6 +625,50 @@ FIGURES: list[Figure] = [
         kind="bigresult",
         label="server CPU ms / task",
         get=lambda r: _scale(r.get("server_cpu_us_per_task"), 1e-3),
+    ),
+    Figure(
+        kind="llmsteps",
+        label="server CPU µs / llm step (model excluded)",
+        get=_path("llm_cpu_us_per_step"),
+        fmt="{:.0f}",
+    ),
+    Figure(
+        kind="llmsteps",
+        label="server CPU µs / script step",
+        get=_path("script_cpu_us_per_step"),
+        fmt="{:.0f}",
+    ),
+    Figure(
+        kind="llmsteps",
+        label="llm step / script step (CPU)",
+        get=_path("llm_over_script"),
+        fmt="{:.2f}×",
+        abs_target=(2.0, "≤ 2×"),
+    ),
+    Figure(
+        kind="llmconcurrent",
+        label="all tasks complete, wall s",
+        get=_path("wall_s"),
+        fmt="{:.2f}",
+    ),
+    Figure(
+        kind="llmconcurrent",
+        label="heartbeat RTT p99 ms, idle",
+        get=_path("hb_idle", "p99_ms"),
+        fmt="{:.2f}",
+    ),
+    Figure(
+        kind="llmconcurrent",
+        label="heartbeat RTT p99 ms, during",
+        get=_path("hb_during", "p99_ms"),
+        fmt="{:.2f}",
+    ),
+    Figure(
+        kind="llmconcurrent",
+        label="heartbeat p99 during / idle",
+        get=_path("hb_p99_ratio"),
+        fmt="{:.2f}×",
+        abs_target=(2.0, "≤ 2×"),
     ),
 ]
 

@@ -99,6 +99,12 @@ def test_smoke_against_ufo_trio(tmp_path: Path) -> None:
         assert hb_metrics["round_trips"] > 0
         assert hb_metrics["server_exit"] == 0
     assert "| ufo_trio --no-metrics | ufo_trio (metrics on) |" in record["table"]
+    llm = results["llm-steps"]["ufo_trio"][0]  # issue 10: 2 llm tasks of 5 steps, 2 script ones
+    assert llm["steps"] == 10
+    assert llm["llm_cpu_us_per_step"] >= 0
+    concurrent = results["llm-concurrent"]["ufo_trio"][0]
+    assert concurrent["tasks"] == 10
+    assert concurrent["hb_during"]["n"] > 0
 
 
 def test_client_codec_round_trip() -> None:
@@ -153,3 +159,17 @@ def test_metrics_cost_bench_runs() -> None:
     assert "Metrics.frame_received(enum)" in done.stdout
     assert "prometheus Counter child .inc()" in done.stdout
     assert "one /metrics render" in done.stdout
+
+
+def test_llm_profile_runs() -> None:
+    """`python -m bench.llm_profile` (client-side CPU of an llm step) runs to completion."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.llm_profile", "--steps", "3", "--tasks", "2", "--cprofile",
+         "--top", "3"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("client CPU per llm step (agent + model call): ")
+    assert lines[1] == "self time by package (under cProfile):"
+    assert len(lines) == 5

@@ -140,6 +140,37 @@ def test_llm_outcome_is_printed_step_by_step() -> None:
     assert TaskOutcome(status="completed", session_id="S", result=[]).answer is None
 
 
+def test_llm_outcome_as_the_server_records_it() -> None:
+    """The llm agent's TASK_END result (docs/agents.md): calls as {id, tool_name, parameters},
+    a refused call as {id, tool_name: null, function}; results paired by position."""
+    result = {
+        "answer": "done",
+        "steps": [
+            {
+                "tool_calls": [
+                    {"id": "c1", "tool_name": "run_command", "parameters": {"command": "df"}},
+                    {"id": "c2", "tool_name": None, "function": "rm_everything"},
+                ],
+                "results": [
+                    {"status": "success", "error": None, "result": {"exit_code": 0}},
+                    {"status": "failure", "error": "llm agent: unknown function "
+                     "'rm_everything': call one of the functions you were given", "result": None},
+                ],
+            }
+        ],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 2},
+    }
+    outcome = TaskOutcome(status="completed", session_id="S", task_name="t", result=result)
+    assert format_outcome(outcome) == "\n".join([
+        "completed: t (session S)",
+        '  step 0 run_command {"command":"df"} -> success {"exit_code": 0}',
+        "  step 0 rm_everything -> failure llm agent: unknown function 'rm_everything': call "
+        "one of the functions you were given",
+        "  answer: done",
+        "  tokens: 10 prompt, 2 completion",
+    ])
+
+
 # ----------------------------------------------------------------------------- progress
 
 

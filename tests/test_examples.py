@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
 
-@pytest.mark.parametrize("name", ["minimal_device.py", "two_step_plan.py", "end_to_end.py"])
+@pytest.mark.parametrize("name", ["minimal_device.py", "two_step_plan.py", "end_to_end.py", "llm_task.py"])
 def test_example_compiles(name: str) -> None:
     py_compile.compile(str(EXAMPLES / name), doraise=True)
 

@@ -84,3 +84,13 @@ def test_h11_keeps_the_request_method_privately() -> None:
         f"h11 {h11.__version__}: Connection._request_method no longer holds the request "
         "method; " + UPGRADE_HINT
     )
+
+
+def test_httpx_client_private_transport_lookup_exists() -> None:
+    """ufo_trio/_llm.py sends model calls through the transport the client picked for the URL."""
+    import httpx
+
+    assert callable(getattr(httpx.AsyncClient, "_transport_for_url", None)), (
+        f"httpx {httpx.__version__}: AsyncClient._transport_for_url is gone; adapt "
+        "OpenAIChatModel.__aenter__ in ufo_trio/_llm.py before raising the cap in pyproject.toml"
+    )

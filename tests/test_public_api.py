@@ -22,5 +22,6 @@ def test_server_package_surface() -> None:
 
 def test_testing_helpers_surface() -> None:
     assert sorted(ufo_trio.testing.__all__) == [
-        "MemoryServer", "RawClient", "TEST_KEY", "connect", "open_memory_server", "open_server",
+        "FakeChatModel", "FakeReply", "FakeRequest", "MemoryServer", "RawClient", "TEST_KEY",
+        "connect", "open_memory_server", "open_server",
     ]  # fmt: skip

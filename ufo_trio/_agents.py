@@ -15,6 +15,7 @@ from ._messages import ClientType, Command, Result, ResultStatus
 
 if TYPE_CHECKING:
     import logging
+    from collections.abc import Mapping
 
 __all__ = [
     "Agent",
@@ -51,6 +52,8 @@ class SessionContext(Protocol):
     #: The requester's role; a `StrEnum`, so it equals (and serialises as) its wire string.
     requester_type: ClientType
     executor_id: str
+    #: The executor device's `system_info` from its REGISTER metadata, or None (read it only).
+    system_info: Mapping[str, Any] | None
     log: logging.LoggerAdapter[logging.Logger]
 
     async def execute(
@@ -150,16 +153,20 @@ def script_agent_factory(platform: str) -> Agent:
 
 
 BUILTIN_AGENTS: dict[str, AgentFactory] = {"script": script_agent_factory}
+#: Built-in agents that need the model settings (ufo_trio._llm builds them).
+MODEL_AGENTS = ("llm", "auto")
 
 
 def load_agent_factory(spec: str) -> AgentFactory:
     """`script` or `package.module:callable` → factory. Raises `ConfigError` with one line."""
     if spec in BUILTIN_AGENTS:
         return BUILTIN_AGENTS[spec]
+    if spec in MODEL_AGENTS:
+        raise ConfigError(f"agent {spec!r} needs --llm-base-url (and --llm-model)")
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(
-            f"agent must be one of {', '.join(BUILTIN_AGENTS)} or 'package.module:callable', "
+            f"agent must be one of {', '.join([*BUILTIN_AGENTS, *MODEL_AGENTS])} or 'package.module:callable', "
             f"got {spec!r}"
         )
     try:

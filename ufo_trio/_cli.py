@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
 PROG = "ufo-trio"
+#: The model server's key comes only from the environment (never a flag: argv is visible).
+LLM_API_KEY_ENV = "UFO_TRIO_LLM_API_KEY"
 SUBCOMMANDS = ("serve", "device", "task", "clients")
 
 
@@ -79,6 +81,13 @@ def _size(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    value = _int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _upper(text: str) -> str:
     return text.upper()
 
@@ -108,7 +117,16 @@ _SERVE_FLAGS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("--duplicate-policy", str, "probe", "probe | reject | takeover"),
     ("--shutdown-grace", _seconds, 5.0, "seconds connections get to close on shutdown"),
     ("--log-level", _upper, "INFO", "DEBUG | INFO | WARNING | ERROR"),
-    ("--agent", str, "script", "'script' or package.module:factory"),
+    ("--agent", str, None, "script | llm | auto | package.module:factory; None = auto with --llm-base-url, else script"),
+    # The llm agent (docs/agents.md); the key only from env UFO_TRIO_LLM_API_KEY.
+    ("--llm-base-url", str, None, "OpenAI-compatible API root, e.g. https://api.openai.com/v1"),
+    ("--llm-model", str, None, "model name; required with --llm-base-url"),
+    ("--llm-max-steps", _count, 20, "model turns with tool calls per task"),
+    ("--llm-timeout", _seconds, 120.0, "seconds one model call may take"),
+    ("--llm-temperature", _finite("a temperature"), 0.0, "sampling temperature, 0-2"),
+    ("--llm-max-output-bytes", _size, 16 * 1024, "tool output shown to the model, in bytes"),
+    ("--llm-max-connections", _count, 100, "concurrent HTTP connections to the model server"),
+    ("--tool-secret", str, (), "PARAM=ENV_VAR (repeatable): hide PARAM, fill it from ENV_VAR"),
     # Hardening limits (docs/operations.md).
     ("--max-connections", _int, MAX_CONNECTIONS, "concurrent TCP connections; more get 503; 0 = no cap"),
     ("--message-rate", _rate, MESSAGE_RATE, "data frames per second per connection; 0 = off"),
@@ -146,6 +164,15 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
                 help=f"{text} (env {env_name(flag)}=1)",
             )
             continue
+        if flag == "--tool-secret":  # repeatable; env: comma-separated
+            parser.add_argument(
+                flag,
+                action="append",
+                default=None,
+                help=f"{text} (env {env_name(flag)}, comma-separated)",
+                metavar="PARAM=ENV_VAR",
+            )
+            continue
         parser.add_argument(
             flag,
             type=kind,
@@ -177,7 +204,9 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         value = getattr(args, dest)
         if value is None:
             raw = os.environ.get(env_name(flag))
-            if raw is not None:
+            if raw is not None and flag == "--tool-secret":
+                value = tuple(p.strip() for p in raw.split(",") if p.strip())
+            elif raw is not None:
                 try:
                     value = kind(raw)
                 except (argparse.ArgumentTypeError, ValueError) as exc:
@@ -186,6 +215,8 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
                 value = default
         values[dest] = value
     values["metrics"] = not values.pop("no_metrics")
+    values["tool_secrets"] = tuple(values.pop("tool_secret"))
+    values["llm_api_key"] = os.environ.get(LLM_API_KEY_ENV) or None
     values["allowed_origins"] = tuple(
         o.strip() for o in str(values["allowed_origins"]).split(",") if o.strip()
     )
@@ -254,6 +285,8 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser | None =
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # httpx logs every model request at INFO; our own lines say what matters (and no URLs).
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         return trio.run(_serve_until_signalled, config)
     except KeyboardInterrupt:  # a signal that arrived outside trio.run

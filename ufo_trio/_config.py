@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import urllib.parse
 from typing import Any
 
 import attrs
@@ -74,6 +75,19 @@ def _one_of(choices: tuple[str, ...]) -> attrs._ValidatorType[str]:
     return check
 
 
+def _http_url(_inst: object, _attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is None:
+        return
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"llm-base-url must be an http:// or https:// URL, got {value!r}")
+
+
+def _temperature(_inst: object, _attribute: attrs.Attribute[Any], value: float) -> None:
+    if not 0 <= value <= 2:
+        raise ConfigError(f"llm-temperature must be between 0 and 2, got {value:g}")
+
+
 def _upper(value: str) -> str:
     return value.upper()
 
@@ -110,7 +124,20 @@ class ServerConfig:
     )
     shutdown_grace: float = attrs.field(default=5.0, validator=_non_negative)
     log_level: str = attrs.field(default="INFO", converter=_upper, validator=_one_of(LOG_LEVELS))
-    agent: str = "script"
+    #: `script`, `llm`, `auto` or `package.module:factory`; None = `auto` with an LLM base URL,
+    #: else `script` (see `effective_agent`).
+    agent: str | None = None
+    # The llm agent (docs/agents.md). The key comes only from env UFO_TRIO_LLM_API_KEY on the CLI.
+    llm_base_url: str | None = attrs.field(default=None, validator=_http_url)
+    llm_model: str | None = None
+    llm_api_key: str | None = attrs.field(default=None, repr=False)
+    llm_max_steps: int = attrs.field(default=20, validator=_positive)
+    llm_timeout: float = attrs.field(default=120.0, validator=_positive)
+    llm_temperature: float = attrs.field(default=0.0, validator=_temperature)
+    llm_max_output_bytes: int = attrs.field(default=16 * 1024, validator=_positive)
+    llm_max_connections: int = attrs.field(default=100, validator=_positive)
+    #: `PARAM=ENV_VAR` each: PARAM is hidden from the model and filled from ENV_VAR on every call.
+    tool_secrets: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     # Limits that are not CLI flags in the spec but that tests and embedders may tune.
     send_timeout: float = attrs.field(default=SEND_TIMEOUT, validator=_positive)
     inbound_queue_size: int = attrs.field(default=INBOUND_QUEUE_SIZE, validator=_positive)
@@ -136,3 +163,19 @@ class ServerConfig:
     def __attrs_post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls-cert and tls-key must be given together")
+        agent = self.effective_agent
+        if agent in ("llm", "auto") and not self.llm_base_url:
+            raise ConfigError(f"agent {agent!r} needs --llm-base-url (and --llm-model)")
+        if self.llm_base_url and not self.llm_model:
+            raise ConfigError("--llm-model is required with --llm-base-url")
+        for spec in self.tool_secrets:
+            param, sep, env_var = spec.partition("=")
+            if not sep or not param.strip() or not env_var.strip():
+                raise ConfigError(f"tool-secret must be PARAM=ENV_VAR, got {spec!r}")
+
+    @property
+    def effective_agent(self) -> str:
+        """`agent`, or its default: `auto` when an LLM base URL is configured, else `script`."""
+        if self.agent:
+            return self.agent
+        return "auto" if self.llm_base_url else "script"

@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from ._agents import AgentFactory, load_agent_factory
 from ._api import Api, ApiContext
 from ._context import Auth, ServerContext
 from ._dashboard import Dashboard
 from ._endpoint import handle_stream
 from ._handlers import AipHandler
 from ._http import HttpService
+from ._llm import OpenAIChatModel, build_agent
 from ._metrics import Metrics, MetricsExporter, NullMetrics
 from ._registry import Registry
 from ._rules import SHUTTING_DOWN
@@ -25,6 +25,9 @@ from ._sessions import SessionManager
 from ._tls import ServerTLS, load_tls
 
 if TYPE_CHECKING:
+    import httpx
+
+    from ._agents import AgentFactory
     from ._config import ServerConfig
     from ._connection import Connection
     from ._messages import ClientType
@@ -67,6 +70,10 @@ class Server:
     _nursery: trio.Nursery | None = None
     #: Built-in TLS (`--tls-cert`/`--tls-key`), or None for plain ws:// and http://.
     tls: ServerTLS | None = None
+    #: The model client of the llm agent (its HTTP connection pool), owned by `run`.
+    model: OpenAIChatModel | None = None
+    #: The counters (issue 12); None: built from the config (`metrics_for`).
+    metrics: Metrics | None = None
 
     def __attrs_post_init__(self) -> None:
         config = self.config
@@ -74,7 +81,7 @@ class Server:
             config=config,
             registry=self.registry,
             auth=Auth.build(self.api_key, config.allowed_origins),
-            metrics=Metrics(agents=(config.agent,)) if config.metrics else NullMetrics(),
+            metrics=metrics_for(config) if self.metrics is None else self.metrics,
         )
         self.sessions = SessionManager(self.context, self.agent_factory)
         self.handler = AipHandler(self.context, self.sessions)
@@ -137,6 +144,17 @@ class Server:
         task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept on `listeners` (may be empty) until shutdown completes or we are cancelled."""
+        if self.model is None:
+            await self._run(listeners, task_status)
+            return
+        # The model client's connection pool outlives every session (they all end inside the
+        # server nursery) and is closed after them.
+        async with self.model:
+            await self._run(listeners, task_status)
+
+    async def _run(
+        self, listeners: list[trio.SocketListener], task_status: trio.TaskStatus[Server]
+    ) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -180,27 +198,40 @@ class Server:
             conn.close(1001, "server shutting down")
 
 
+def metrics_for(config: ServerConfig) -> Metrics:
+    """The server's counters: `Metrics` labelled with its agent, or `NullMetrics` if off."""
+    return Metrics(agents=(config.effective_agent,)) if config.metrics else NullMetrics()
+
+
 def _count_by_role(registry: Registry) -> Counter[ClientType]:
     """Registered clients per role, for the `connections` gauge (read at scrape time)."""
     return Counter(entry.role for entry in registry)
 
 
 def build_server(
-    config: ServerConfig, *, port: int = 0, tls: ServerTLS | None = None
+    config: ServerConfig,
+    *,
+    port: int = 0,
+    tls: ServerTLS | None = None,
+    model_transport: httpx.AsyncBaseTransport | None = None,
 ) -> Server:
-    """A `Server` that is not yet running. Raises `ConfigError` for a bad `--agent`.
-
-    *tls* comes from `load_tls` when `config.tls_cert` is set (`serve` does that).
+    """A `Server` that is not yet running. Raises `ConfigError` for a bad `--agent` (or LLM
+    setting). *tls* comes from `load_tls` when `config.tls_cert` is set (`serve` does that);
+    `model_transport` replaces the llm agent's HTTP transport (in-process fake models).
     """
     api_key = config.api_key if config.api_key is not None else secrets.token_urlsafe(32)
+    metrics = metrics_for(config)  # the llm agent counts its model calls in it too
+    agent_factory, model = build_agent(config, model_transport=model_transport, metrics=metrics)
     return Server(
         config=config,
         api_key=api_key,
         api_key_generated=config.api_key is None,
-        agent_factory=load_agent_factory(config.agent),
+        agent_factory=agent_factory,
         host=config.host,
         port=port,
         tls=tls,
+        model=model,
+        metrics=metrics,
     )
 
 
@@ -213,7 +244,7 @@ async def serve(
     `server = await nursery.start(serve, config)`. Raises `ConfigError` for a bad `--agent`
     and `OSError` if the address cannot be bound.
     """
-    load_agent_factory(config.agent)  # fail before binding
+    build_agent(config)  # fail before binding
     tls = None
     if config.tls_cert is not None and config.tls_key is not None:
         tls = await load_tls(config.tls_cert, config.tls_key)  # ConfigError before binding

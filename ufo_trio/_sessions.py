@@ -36,6 +36,8 @@ from ._messages import (
 from ._rules import INVALID_RESULTS, SHUTTING_DOWN, Match, Reject
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from ._connection import Connection
     from ._context import ServerContext
 
@@ -136,6 +138,8 @@ class Session:
     executor: Connection
     executor_id: str
     agent: Agent
+    #: The executor's `system_info` from its REGISTER (read-only; None if it sent none).
+    system_info: Mapping[str, Any] | None = None
     started_at: str = attrs.field(factory=_wall_now)
     #: trio time at creation (task duration in the metrics).
     started: float = attrs.field(factory=trio.current_time)
@@ -345,6 +349,7 @@ class SessionManager:
             executor=executor,
             executor_id=executor_entry.client_id,
             agent=agent,
+            system_info=executor_entry.system_info,
         )
         # TASK-8: record first, so a teardown that starts while we wait can find the session.
         live[session_id] = session
@@ -474,7 +479,7 @@ class SessionManager:
         )
         context = self.context
         duration = trio.current_time() - session.started
-        context.metrics.task_ended(status.value, context.config.agent, duration)
+        context.metrics.task_ended(status.value, context.config.effective_agent, duration)
         log.info(
             "session %s ended: %s%s",
             shown(session.session_id),

@@ -74,8 +74,9 @@ class AgentResult:
 def parse_agent_result(result: Any) -> AgentResult | None:
     """Read an ``llm`` agent's result; ``None`` if *result* does not have that shape.
 
-    Tool calls are in OpenAI form (``{"id", "type", "function": {"name", "arguments"}}``);
-    each is paired with the Result whose ``call_id`` is the call's ``id``, else with the Result
+    Tool calls are as the server records them (``{"id", "tool_name", "parameters"}``; a call
+    the agent refused has ``tool_name: null`` and the model's ``function`` name) or in OpenAI
+    form (``{"id", "type", "function": {"name", "arguments"}}``); each is paired with the Result whose ``call_id`` is the call's ``id``, else with the Result
     at the same position.
     """
     if not isinstance(result, Mapping) or not isinstance(result.get("answer"), str):
@@ -103,10 +104,18 @@ def parse_agent_result(result: Any) -> AgentResult | None:
             matched = by_id.get(call_id) if isinstance(call_id, str) else None
             if matched is None and i < len(results):
                 matched = results[i]
-            arguments = function.get("arguments")
+            if "tool_name" in call:  # the server's record: {"id", "tool_name", "parameters"}
+                # (or {"id", "tool_name": null, "function"} for a call that never ran)
+                name = call.get("tool_name") or call.get("function") or "?"
+                arguments: Any = call.get("parameters")
+                if arguments is None and call.get("tool_name") is None:
+                    arguments = ""
+            else:  # OpenAI form
+                name = function.get("name") or "?"
+                arguments = function.get("arguments")
             step.append(
                 AgentCall(
-                    name=str(function.get("name") or "?"),
+                    name=str(name),
                     arguments=arguments if isinstance(arguments, str) else _summary(arguments),
                     result=matched,
                 )
@@ -164,7 +173,7 @@ def _agent_lines(agent: AgentResult) -> list[str]:
     for index, step in enumerate(agent.steps):
         for call in step:
             arguments = _compact(call.arguments)
-            head = f"  step {index} {call.name} {arguments}"
+            head = f"  step {index} {call.name}" + (f" {arguments}" if arguments else "")
             result = call.result
             if result is None:
                 lines.append(f"{head} -> (no result)")

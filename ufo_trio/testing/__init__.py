@@ -17,12 +17,25 @@ import trio_websocket
 from .._config import ServerConfig
 from .._server import Server, build_server, serve
 from .._tls import load_tls
+from ._fake_model import FakeChatModel, FakeReply, FakeRequest
 
 if TYPE_CHECKING:
     import ssl
     from collections.abc import AsyncIterator
 
-__all__ = ["TEST_KEY", "MemoryServer", "RawClient", "connect", "open_memory_server", "open_server"]
+    import httpx
+
+__all__ = [
+    "TEST_KEY",
+    "FakeChatModel",
+    "FakeReply",
+    "FakeRequest",
+    "MemoryServer",
+    "RawClient",
+    "connect",
+    "open_memory_server",
+    "open_server",
+]
 
 TEST_KEY = "test-key"
 
@@ -141,14 +154,21 @@ class MemoryServer:
 
 @asynccontextmanager
 async def open_memory_server(
-    config: ServerConfig | None = None, **overrides: Any
+    config: ServerConfig | None = None,
+    *,
+    model_transport: httpx.AsyncBaseTransport | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[MemoryServer]:
-    """Run a server whose clients connect through `MemoryServer.connect`."""
+    """Run a server whose clients connect through `MemoryServer.connect`.
+
+    `model_transport` (e.g. `FakeChatModel.transport()`) carries the llm agent's model calls in
+    process, so MockClock drives them too.
+    """
     config = _config(config, overrides)
     tls = None
     if config.tls_cert is not None and config.tls_key is not None:
         tls = await load_tls(config.tls_cert, config.tls_key)
-    server = build_server(config, tls=tls)
+    server = build_server(config, tls=tls, model_transport=model_transport)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run, [])
         try:
