@@ -353,3 +353,47 @@ async def test_dashboard_clients_connecting_and_vanishing_leak_nothing() -> None
         assert fd_count() == fds
         fams = await scrape(server)
         assert value(fams, "ufo_trio_http_connections") == 1  # this scrape only
+
+
+# ------------------------------------------------------------------------- llm model calls
+
+
+async def _llm_families(model: Any, request: str, **overrides: Any) -> dict[str, Metric]:
+    """One natural-language task through the llm agent (in memory), then a real scrape."""
+    from llm_helpers import scene, start_task, task_end
+    from wire_helpers import memory_http
+
+    async with scene(model, **overrides) as (mem, _dev, requester):
+        await start_task(requester, request)
+        await task_end(requester)
+        response = await memory_http(mem.server).request("GET", "/metrics")
+    assert response.status == 200
+    return families(response.body)
+
+
+async def test_llm_model_calls_are_counted(autojump_clock: trio.testing.MockClock) -> None:
+    from ufo_trio.testing import FakeChatModel, FakeReply
+
+    model = FakeChatModel([FakeReply.call("get_system_info", {}), "done"], delay=2)
+    fams = await _llm_families(model, "what machine is this?")
+    assert value(fams, "ufo_trio_model_calls", "_total", outcome="ok") == 2
+    assert value(fams, "ufo_trio_model_calls", "_total", outcome="error") == 0
+    assert value(fams, "ufo_trio_model_call_seconds", "_count") == 2
+    assert value(fams, "ufo_trio_model_call_seconds", "_sum") == pytest.approx(4)  # virtual time
+    # --llm-base-url without --agent runs `auto`: that is the agent label.
+    assert value(fams, "ufo_trio_tasks_ended", "_total", status="completed", agent="auto") == 1
+
+
+async def test_llm_model_timeouts_and_errors_are_counted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from ufo_trio.testing import FakeChatModel, FakeReply
+
+    fams = await _llm_families(FakeChatModel(["too late"], delay=1000), "hi", llm_timeout=30)
+    assert value(fams, "ufo_trio_model_calls", "_total", outcome="timeout") == 1
+    assert value(fams, "ufo_trio_model_call_seconds", "_sum") == pytest.approx(30)
+    assert value(fams, "ufo_trio_tasks_ended", "_total", status="failed", agent="auto") == 1
+    bad_key = FakeChatModel([FakeReply.http(401, {"error": {"message": "bad key"}})])
+    fams = await _llm_families(bad_key, "hi")
+    assert value(fams, "ufo_trio_model_calls", "_total", outcome="error") == 1
+    assert value(fams, "ufo_trio_model_calls", "_total", outcome="ok") == 0
