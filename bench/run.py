@@ -43,6 +43,8 @@ LIMIT = "limit"
 UFO = "ufo_trio"
 #: ufo_trio with --tls-cert/--tls-key, run beside plain ufo_trio in the TLS scenarios.
 UFO_TLS = "ufo_trio+tls"
+#: ufo_trio with --no-metrics, run beside plain ufo_trio in the metrics scenarios (issue 12).
+UFO_NO_METRICS = "ufo_trio--no-metrics"
 _LISTEN_RE = re.compile(r"listening on wss?://(?P<host>\[[^\]]+\]|[^:/\s]+):(?P<port>\d+)/ws")
 
 
@@ -62,9 +64,16 @@ class Scenario:
         """A TLS scenario compares ufo_trio over wss:// with ufo_trio over ws://."""
         return UFO_TLS in self.servers
 
+    @property
+    def metrics(self) -> bool:
+        """A metrics scenario compares ufo_trio counting with ufo_trio --no-metrics."""
+        return UFO_NO_METRICS in self.servers
+
 
 #: Where a TLS scenario runs: plain and TLS ufo_trio, in the same invocation.
 TLS_PAIR = (UFO, UFO_TLS)
+#: Where a metrics scenario runs: ufo_trio with and without metrics, in the same invocation.
+METRICS_PAIR = (UFO, UFO_NO_METRICS)
 
 
 def plan(smoke: bool, duration: float) -> list[Scenario]:
@@ -123,6 +132,14 @@ def plan(smoke: bool, duration: float) -> list[Scenario]:
                 title="idle ×20",
                 params={"conns": 20, "settle": 0.1},
                 servers=TLS_PAIR,
+                timeout=30,
+            ),
+            Scenario(
+                name="heartbeat-10-metrics",
+                kind="heartbeat",
+                title="heartbeat ×10",
+                params={"conns": 10, **hb},
+                servers=METRICS_PAIR,
                 timeout=30,
             ),
             Scenario(
@@ -196,6 +213,14 @@ def plan(smoke: bool, duration: float) -> list[Scenario]:
             title="idle ×2,000",
             params={"conns": 2000},
             servers=TLS_PAIR,
+        ),
+        # Issue 12: what counting costs, with and without --no-metrics in the same run.
+        Scenario(
+            name="heartbeat-100-metrics",
+            kind="heartbeat",
+            title="heartbeat ×100",
+            params={"conns": 100, **hb},
+            servers=METRICS_PAIR,
         ),
         Scenario(
             name="llm-steps",
@@ -308,6 +333,8 @@ def server_command(kind: str, opts: Options, token: str) -> list[str]:
         if kind == UFO_TLS:
             assert opts.tls_files is not None
             args += ["--tls-cert", str(opts.tls_files[0]), "--tls-key", str(opts.tls_files[1])]
+        elif kind == UFO_NO_METRICS:
+            args.append("--no-metrics")
     if opts.gc_threshold is None:
         return [sys.executable, *opts.python_args, "-m", module, *args]
     # The same server, started through runpy so the collector is tuned before it imports
@@ -690,8 +717,8 @@ def table(
     ]
     rows: list[str] = []
     for scenario in scenarios:
-        if scenario.tls:
-            continue  # in `tls_table`
+        if scenario.tls or scenario.metrics:
+            continue  # in `tls_table` / `metrics_table`
         per_server = results.get(scenario.name, {})
         errors = [
             f"{kind}: {r['error']}" for kind, rs in per_server.items() for r in rs if "error" in r
@@ -771,6 +798,39 @@ def tls_table(scenarios: list[Scenario], results: dict[str, dict[str, list[dict[
             for r in rs:
                 if "error" in r:
                     rows.append(f"| {scenario.title} (TLS) | **error** | {kind_}: {r['error']} | | | |")
+    return "\n".join(head + rows) if rows else ""
+
+
+def metrics_table(
+    scenarios: list[Scenario], results: dict[str, dict[str, list[dict[str, Any]]]]
+) -> str:
+    """ufo_trio counting vs ufo_trio --no-metrics, same run: what metrics cost (issue 12)."""
+    head = [
+        "| scenario | figure | ufo_trio --no-metrics | ufo_trio (metrics on) | on / off | target |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    rows: list[str] = []
+    for scenario in scenarios:
+        if not scenario.metrics:
+            continue
+        per_server = results.get(scenario.name, {})
+        for kind, label, get, fmt, _ in TLS_FIGURES:
+            if kind != scenario.kind:
+                continue
+            figure = Figure(kind=kind, label=label, get=get, fmt=fmt)
+            off, spread_off = median_figure(per_server.get(UFO_NO_METRICS, []), figure)
+            on, spread_on = median_figure(per_server.get(UFO, []), figure)
+            cell_off = "–" if off is None else fmt.format(off) + spread_off
+            cell_on = "–" if on is None else fmt.format(on) + spread_on
+            ratio = f"{on / off:.3f}×" if off and on is not None and "%" not in fmt else ""
+            target = ""
+            if label.startswith("server CPU") and off and on is not None:
+                target = f"≤ 1.05× {'✅' if on / off <= 1.05 else '❌'}"
+            rows.append(f"| {scenario.title} | {label} | {cell_off} | {cell_on} | {ratio} | {target} |")
+        for kind_, rs in per_server.items():
+            for r in rs:
+                if "error" in r:
+                    rows.append(f"| {scenario.title} | **error** | {kind_}: {r['error']} | | | |")
     return "\n".join(head + rows) if rows else ""
 
 
@@ -925,7 +985,7 @@ def main(argv: list[str] | None = None) -> int:
     server_cpu, gen_cpu = choose_cpus(args.no_pin)
     logdir = Path(tempfile.mkdtemp(prefix="ufo-bench-"))
     # The TLS scenarios run ufo_trio twice, over ws:// and over wss://.
-    runnable = [*servers, UFO_TLS] if UFO in servers else servers
+    runnable = [*servers, UFO_TLS, UFO_NO_METRICS] if UFO in servers else servers
     wants_tls = any(s.tls for s in scenarios) and UFO in servers
     opts = Options(
         json_lib=json_lib,
@@ -973,6 +1033,10 @@ def main(argv: list[str] | None = None) -> int:
     tls_text = tls_table(scenarios, results)
     if tls_text:
         text += "\n\nTLS (issue 13): ufo_trio over ws:// and over wss://, same run\n\n" + tls_text
+    metrics_text = metrics_table(scenarios, results)
+    if metrics_text:
+        text += "\n\nMetrics (issue 12): ufo_trio with and without --no-metrics, same run\n\n"
+        text += metrics_text
     print(text)
     for kind, reason in unavailable.items():
         print(f"\n{kind} unavailable: {reason}")

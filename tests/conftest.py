@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any
 
+import pytest
 from hypothesis import settings
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 # --- Hypothesis: repeatable by default --------------------------------------------------------
 #
@@ -13,3 +18,13 @@ from hypothesis import settings
 settings.register_profile("repeatable", derandomize=True, database=None)
 settings.register_profile("explore", max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
+
+
+# --- chromium: one headless Debian Chromium per run, driven by Selenium (tests/browser.py) -------
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[Any]:
+    from browser import chromium_session
+
+    yield from chromium_session()

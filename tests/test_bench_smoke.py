@@ -92,6 +92,13 @@ def test_smoke_against_ufo_trio(tmp_path: Path) -> None:
         assert hb_tls["server_exit"] == idle_tls["server_exit"] == 0
     assert "| heartbeat ×10 (TLS) | server CPU µs / round trip |" in record["table"]
     assert "| ufo_trio ws:// | ufo_trio wss:// |" in record["table"]
+    # Issue 12: heartbeats with metrics on and with --no-metrics in the same run.
+    for kind in ("ufo_trio", "ufo_trio--no-metrics"):
+        hb_metrics = results["heartbeat-10-metrics"][kind][0]
+        assert hb_metrics["errors"] == 0
+        assert hb_metrics["round_trips"] > 0
+        assert hb_metrics["server_exit"] == 0
+    assert "| ufo_trio --no-metrics | ufo_trio (metrics on) |" in record["table"]
     llm = results["llm-steps"]["ufo_trio"][0]  # issue 10: 2 llm tasks of 5 steps, 2 script ones
     assert llm["steps"] == 10
     assert llm["llm_cpu_us_per_step"] >= 0
@@ -140,6 +147,18 @@ def test_client_codec_round_trip() -> None:
 
     # Client frames carry the mask bit with an all-zero key, so the payload is sent as is.
     assert encode_text(b"{}") == bytes((0x81, 0x82)) + b"\x00\x00\x00\x00{}"
+
+
+def test_metrics_cost_bench_runs() -> None:
+    # Issue 12: the counting micro-benchmark prints its table (figures are not judged here).
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.metrics_cost", "--quick"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Metrics.frame_received(enum)" in done.stdout
+    assert "prometheus Counter child .inc()" in done.stdout
+    assert "one /metrics render" in done.stdout
 
 
 def test_llm_profile_runs() -> None:

@@ -94,7 +94,8 @@ async def test_responses_are_json_with_length_and_no_store() -> None:
         assert response.headers["cache-control"] == "no-store"
 
 
-@pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json", "/", "/api", "/api/clients/"])
+# `/` is the dashboard page (issue 12; tests/test_fleet_server.py).
+@pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json", "/api", "/api/clients/"])
 async def test_unknown_paths_are_404_including_docs(path: str) -> None:
     async with open_server() as server:
         response = await http_request(server.port, "GET", path)

@@ -68,7 +68,7 @@ def test_path_parameters_are_one_non_empty_segment_http4() -> None:
 
 
 @pytest.mark.parametrize(
-    "path", ["/", "/api", "/api/", "/api/clients/", "/API/clients", "/docs", "/ws", "api/clients"]
+    "path", ["/api", "/api/", "/api/clients/", "/API/clients", "/docs", "/ws", "api/clients", "//"]
 )
 def test_unknown_paths_match_nothing_404(path: str) -> None:
     assert match_route("GET", path, ROUTES) is None
@@ -188,9 +188,9 @@ async def test_a_public_route_with_its_own_headers_skips_the_key_not_the_host_ch
         return Reply(200, headers, page)
 
     async with open_memory_server() as mem:
-        _with_routes(mem.server, Route("GET", "/", dashboard, needs_key=False))
+        _with_routes(mem.server, Route("GET", "/page", dashboard, needs_key=False))
         client = memory_http(mem.server)
-        response = await client.request("GET", "/", key=None)
+        response = await client.request("GET", "/page", key=None)
         assert (response.status, response.body) == (200, page)
         assert response.headers["content-type"] == "text/html; charset=utf-8"
         assert response.headers["content-security-policy"] == "default-src 'self'"
@@ -198,7 +198,7 @@ async def test_a_public_route_with_its_own_headers_skips_the_key_not_the_host_ch
         assert response.headers["x-content-type-options"] == "nosniff"
         assert int(response.headers["content-length"]) == len(page)
         # AUTH-5 still comes first, and the §6 routes still need the key.
-        response = await client.request("GET", "/", key=None, host=b"evil.example")
+        response = await client.request("GET", "/page", key=None, host=b"evil.example")
         assert (response.status, response.detail) == (403, "Invalid Host header")
         response = await client.request("GET", "/api/clients", key=None)
         assert (response.status, response.detail) == (401, "Missing API key")

@@ -39,6 +39,8 @@ from ufo_trio.testing import MemoryServer, RawClient, open_memory_server
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
+    from ufo_trio._messages import ServerMessageType
+
 
 @pytest.fixture(autouse=True)
 def _fresh_agent_state() -> None:
@@ -498,10 +500,11 @@ async def test_task_end_requester_copy_is_queued_first(
     queued: list[tuple[str, str]] = []
     original = Connection.send_text
 
-    async def recording(self: Connection, text: str) -> None:
+    async def recording(self: Connection, text: str, kind: ServerMessageType) -> None:
         frame = json.loads(text)
+        assert frame["type"] == kind.value
         queued.append((self.client_id, frame["type"] if frame["session_id"] else "-"))
-        await original(self, text)
+        await original(self, text, kind)
 
     monkeypatch.setattr(Connection, "send_text", recording)
     async with memory_server() as mem:

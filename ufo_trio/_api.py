@@ -32,11 +32,14 @@ import trio
 
 from ._codec import shown
 from ._context import ServerContext
+from ._dashboard import ROUTES as DASHBOARD_PATHS
+from ._dashboard import Dashboard
 from ._errors import ConnectionGone
 from ._http import (
     HttpConnection,
     PeerGone,
     Refused,
+    Reply,
     RequestHead,
     error_reply,
     host_allowed,
@@ -45,13 +48,15 @@ from ._http import (
     status_reply,
 )
 from ._messages import ServerMessage, ServerMessageType, TaskStatus, new_id
+from ._metrics import MetricsExporter
 from ._sessions import sanitize_task_name
 from ._store import BadQuery, StoreUnavailable, parse_task_query
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable, Sequence
 
-    from ._http import Reply, StreamReply
+    from ._config import ServerConfig
+    from ._http import StreamReply
     from ._sessions import ResultStore, Session
     from ._store import TaskStore
 
@@ -105,6 +110,10 @@ class ApiContext:
 
     shared: ServerContext
     sessions: SessionsView
+    #: `GET /metrics` (None: metrics are off, the route is not in the table).
+    exporter: MetricsExporter | None = None
+    #: The dashboard's files (`GET /`, `/dashboard`, assets); None: those paths answer 404.
+    dashboard: Dashboard | None = None
 
 
 @attrs.frozen
@@ -212,7 +221,7 @@ class Api:
 
     def __init__(self, ctx: ApiContext, routes: Sequence[Route] | None = None) -> None:
         self.ctx = ctx
-        self.routes: Sequence[Route] = ROUTES if routes is None else routes
+        self.routes: Sequence[Route] = routes_for(ctx.shared.config) if routes is None else routes
         self.check_host = is_loopback_host(ctx.shared.config.host)
 
     async def respond(self, http: HttpConnection, head: RequestHead) -> Reply | StreamReply:
@@ -425,6 +434,30 @@ async def list_sessions(ctx: ApiContext, request: Request) -> Reply:
     )
 
 
+# ------------------------------------------------------------- handlers: metrics, dashboard
+
+
+async def metrics(ctx: ApiContext, request: Request) -> Reply:
+    """`GET /metrics`: the Prometheus text format (issue 12), rendered on the Trio thread."""
+    if ctx.exporter is None:
+        return error_reply(404, NOT_FOUND)
+    content_type, body = ctx.exporter.render()
+    return Reply(200, ((b"content-type", content_type.encode()),), body)
+
+
+async def dashboard_file(ctx: ApiContext, request: Request) -> Reply:
+    """The dashboard page and its assets, from memory, with their own security headers; 304 for
+    a matching `If-None-Match`. No key: the files hold no data (docs/security.md)."""
+    file = None if ctx.dashboard is None else ctx.dashboard.lookup(request.head.path)
+    if file is None:
+        return error_reply(404, NOT_FOUND)
+    headers = tuple((name.lower().encode(), value.encode()) for name, value in file.headers)
+    etags = request.head.header("if-none-match")
+    if etags is not None and file.matches(etags.decode("latin-1")):
+        return Reply(304, headers)
+    return Reply(200, headers, file.body)
+
+
 #: The route table. A new endpoint is one row here plus its handler above.
 ROUTES: Final[tuple[Route, ...]] = (
     Route("GET", "/api/clients", list_clients),
@@ -435,4 +468,13 @@ ROUTES: Final[tuple[Route, ...]] = (
     Route("GET", "/api/tasks", list_tasks),
     Route("GET", "/api/tasks/{session_id}", task_detail),
     Route("GET", "/api/devices", list_devices),
+    *(Route("GET", path, dashboard_file, needs_key=False) for path in DASHBOARD_PATHS),
 )
+
+
+def routes_for(config: ServerConfig) -> tuple[Route, ...]:
+    """The table of a server with this configuration: `ROUTES`, plus `GET /metrics` unless
+    metrics are off (keyed unless `--metrics-public`)."""
+    if not config.metrics:
+        return ROUTES
+    return (*ROUTES, Route("GET", "/metrics", metrics, needs_key=not config.metrics_public))

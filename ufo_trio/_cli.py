@@ -104,6 +104,16 @@ def _upper(text: str) -> str:
     return text.upper()
 
 
+def _switch(text: str) -> bool:
+    """An on/off flag's environment value (on the command line the flag alone means on)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 1/true/yes or 0/false/no, got {text!r}")
+
+
 # (flag, type, default, help). Defaults mirror ServerConfig; env vars are UFO_TRIO_<NAME>.
 _SERVE_FLAGS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("--host", str, "127.0.0.1", "address to listen on"),
@@ -145,6 +155,9 @@ _SERVE_FLAGS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     # Built-in TLS (docs/operations.md "TLS"): both or neither; SIGHUP reloads the pair.
     ("--tls-cert", str, None, "PEM certificate chain: serve wss:// and https:// on the port"),
     ("--tls-key", str, None, "PEM private key of --tls-cert"),
+    # Monitoring (docs/operations.md "Monitoring"): switches, no value on the command line.
+    ("--no-metrics", _switch, False, "count nothing; GET /metrics answers 404"),
+    ("--metrics-public", _switch, False, "GET /metrics without the API key"),
 ]
 
 
@@ -159,6 +172,15 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
             choices = DUPLICATE_POLICIES
         elif flag == "--log-level":
             choices = LOG_LEVELS
+        if kind is _switch:
+            parser.add_argument(
+                flag,
+                action="store_const",
+                const=True,
+                default=None,
+                help=f"{text} (env {env_name(flag)}=1)",
+            )
+            continue
         if flag == "--tool-secret":  # repeatable; env: comma-separated
             parser.add_argument(
                 flag,
@@ -209,6 +231,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             else:
                 value = default
         values[dest] = value
+    values["metrics"] = not values.pop("no_metrics")
     values["tool_secrets"] = tuple(values.pop("tool_secret"))
     values["llm_api_key"] = os.environ.get(LLM_API_KEY_ENV) or None
     values["allowed_origins"] = tuple(

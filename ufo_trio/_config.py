@@ -209,6 +209,9 @@ class ServerConfig:
     # Built-in TLS (docs/operations.md "TLS"): PEM certificate chain and private key, both or none.
     tls_cert: str | None = None
     tls_key: str | None = None
+    # Monitoring (docs/operations.md "Monitoring"): counting on/off, and `/metrics` without the key.
+    metrics: bool = True
+    metrics_public: bool = False
 
     def __attrs_post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -118,16 +118,17 @@ class Connection:
         raises `ConnectionGone` at once (PROC-3). A frame that cannot be written within
         SEND_TIMEOUT closes the peer (4003) and raises `ConnectionGone`.
         """
-        await self.send_text(encode_server_message(msg))
+        await self.send_text(encode_server_message(msg), msg.type)
 
-    async def send_text(self, text: str) -> None:
+    async def send_text(self, text: str, kind: ServerMessageType) -> None:
         """`send` for a frame that is already encoded (the heartbeat ack, one TASK_END text for
-        two recipients). Same state rule; every frame for a registered peer passes here."""
+        two recipients); `kind` is its type, for the metrics. Same state rule; every frame for a
+        registered peer passes here."""
         if not self.is_open:
             raise ConnectionGone(self.label)
-        await self._write(text)
+        await self._write(text, kind)
 
-    async def _write(self, text: str) -> None:
+    async def _write(self, text: str, kind: ServerMessageType) -> None:
         # The connection's single send lock (PROC-2) is trio-websocket's stream lock, held for a
         # whole frame, so frames never interleave and each sender's frames go out in order. The
         # write cannot be cut in half by cancelling the sender; SEND_TIMEOUT (or the shutdown
@@ -137,6 +138,7 @@ class Connection:
         deadline = min(trio.current_time() + context.config.send_timeout, context.shutdown.deadline)
         try:
             if await self.ws.send_frame(text, deadline):
+                context.metrics.frame_sent(kind)
                 return
         except ConnectionClosed:
             self.close(None, "connection lost")
@@ -152,7 +154,7 @@ class Connection:
         """
         if self.state is not State.AWAIT_REGISTER:
             raise ConnectionGone(self.label)
-        await self._write(encode_server_message(msg))
+        await self._write(encode_server_message(msg), msg.type)
 
     async def send_error(
         self,
@@ -178,7 +180,8 @@ class Connection:
         )
         if self.state is State.REGISTERED or self.state is State.AWAIT_REGISTER:
             try:
-                await self._write(encode_server_message(msg))
+                await self._write(encode_server_message(msg), ServerMessageType.ERROR)
+                self.context.metrics.error_sent(code)
             except ConnectionGone:
                 pass
 
@@ -274,11 +277,13 @@ class Connection:
         Returns when all is cleaned up. `close` (from any task) cancels `handler`; the teardown
         runs whatever way it ended.
         """
+        self.context.metrics.ws_opened()
         try:
             with self._main_scope:
                 await handler(self)
         finally:
             await self._teardown()
+            self.context.metrics.ws_closed()
 
     def registered(self, entry: ClientEntry) -> None:
         """AWAIT_REGISTER → REGISTERED (called by the handler once the entry is in the registry):
@@ -319,6 +324,7 @@ class Connection:
                 await trio.aclose_forcefully(self.stream)
             self.nursery.cancel_scope.cancel()
             self.state = State.CLOSED
+            context.metrics.disconnect(_close_code(self))
             # Break the Connection ↔ ClientEntry cycle so the connection is freed by reference
             # counting at once instead of waiting for the cyclic garbage collector.
             self.entry = None
@@ -326,6 +332,15 @@ class Connection:
 
 #: Closes after which nobody waits for the peer: it missed pings, heartbeats or was replaced.
 _DEAD_PEER_CODES = frozenset({1011, 4001, 4002, 4003})
+
+
+def _close_code(conn: Connection) -> int | None:
+    """The code the connection ended with: the one we decided (even if the socket was aborted),
+    else the peer's; None if there was no close frame."""
+    if conn.close_code is not None:
+        return conn.close_code
+    closed = conn.ws.closed
+    return None if closed is None else closed.code
 
 
 def _describe_close(ws: ServerWebSocket) -> str:

@@ -10,10 +10,11 @@ task, constructed once in `Server` and added here as a field with a default of N
 narrow `Protocol` (or a few callables) that module defines, e.g.::
 
     store: TaskStore | None = None      # the SQLite writer's interface
-    metrics: Metrics | None = None      # counters and gauges
     events: EventSink | None = None     # the event stream's publish side
 
 Code that uses it checks for None (the subsystem is off) and never reaches for `Server`.
+`metrics` is the exception: it is never None, a `NullMetrics` that counts nothing stands in
+when metrics are off, so every counting call site is one unconditional line.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import attrs
 import trio
 
 from ._config import ServerConfig
+from ._metrics import Metrics, NullMetrics
 from ._registry import Registry
 from ._store import TaskStore
 
@@ -76,8 +78,8 @@ class ServerContext:
     shutdown starts). Live sessions (`SessionManager`) are not in it: they are passed explicitly
     to the code that needs them (a connection's teardown, the frame handler, the HTTP API).
 
-    Future subsystems (task store, metrics, event stream) become fields here with a default of
-    None; see the module docstring.
+    Future subsystems (task store, event stream) become fields here with a default of None;
+    see the module docstring.
     """
 
     config: ServerConfig
@@ -86,3 +88,5 @@ class ServerContext:
     shutdown: Shutdown = attrs.field(factory=Shutdown)
     #: The task history (issue 11); None: not recorded (a context built without a server).
     store: TaskStore | None = None
+    #: Counters of `_metrics` (issue 12); `NullMetrics` when `--no-metrics` (or not given).
+    metrics: Metrics = attrs.field(factory=NullMetrics)

@@ -96,13 +96,14 @@ async def handle_stream(server: Server, stream: trio.abc.Stream) -> None:
     """Everything that happens on one accepted TCP connection."""
     remote = _peer(stream)
     config = server.config
+    metrics = server.context.metrics
     counted = False
     try:
         if config.max_connections and server.open_streams >= config.max_connections:
             if server.tls is not None:  # a plain-text 503 would read as a TLS failure: just close
-                log_refusal(remote, "max-connections", str(config.max_connections))
+                log_refusal(metrics, remote, "max-connections", str(config.max_connections))
                 return
-            await HttpConnection(stream, remote, config).refuse_connection()
+            await HttpConnection(stream, remote, config, metrics).refuse_connection()
             return
         server.open_streams += 1
         counted = True
@@ -110,9 +111,10 @@ async def handle_stream(server: Server, stream: trio.abc.Stream) -> None:
         if server.tls is not None:  # the TLS handshake counts against LIM-2 too
             tls_stream = None
             with trio.move_on_at(deadline) as handshake:
-                tls_stream = await accept_tls(stream, server.tls.context, remote, config)
+                tls_stream = await accept_tls(stream, server.tls.context, remote, config, metrics)
             if handshake.cancelled_caught:
                 log_refusal(
+                    metrics,
                     remote,
                     "registration-timeout",
                     f"{config.registration_timeout:g}s for the TLS handshake",
@@ -120,7 +122,7 @@ async def handle_stream(server: Server, stream: trio.abc.Stream) -> None:
             if tls_stream is None:
                 return
             stream = tls_stream
-        http = HttpConnection(stream, remote, config)
+        http = HttpConnection(stream, remote, config, metrics)
         head = await http.read_head(deadline)  # LIM-2, LIM-3
         if head is None:
             return

@@ -71,12 +71,14 @@ async def _reject(
     `session_id` only for a REGISTER that passed schema validation (WIRE-9).
     """
     code = verdict.code
+    conn.context.metrics.registration(code)
     log.info("%s: registration refused: %s", conn.label, code)
     await conn.send_error(verdict.error, code, request_id=request_id, session_id=session_id)
     conn.close(1008, code)
 
 
 async def _binary(conn: Connection) -> None:
+    conn.context.metrics.frame_received("binary")
     await conn.send_error(BINARY_NOT_SUPPORTED, "binary_not_supported")
     conn.close(1003, "binary frames are not supported")
 
@@ -87,7 +89,7 @@ def _close_text(exc: ConnectionClosed, conn: Connection) -> str:
         return "connection lost"
     if reason.code == 1009:  # LIM-1
         size = conn.context.config.max_message_size
-        log_refusal(conn.label, "max-message-size", f"{size} bytes; close 1009")
+        log_refusal(conn.context.metrics, conn.label, "max-message-size", f"{size} bytes; close 1009")
         return "message too big"
     return f"peer closed ({reason.code}{' ' + reason.reason if reason.reason else ''})"
 
@@ -114,6 +116,7 @@ class AipHandler:
         if entry is None:
             return
         conn.registered(entry)
+        self.context.metrics.registration("ok")
         log.info(
             "%s registered (platform %s%s)",
             conn.label,
@@ -151,25 +154,31 @@ class AipHandler:
         if deadline.cancelled_caught:
             await _reject(conn, Reject("Registration timed out", "registration_timeout"))
             return None
+        metrics = self.context.metrics
         if type(raw) is bytes:
+            metrics.registration("binary_not_supported")
             await _binary(conn)
             return None
         assert isinstance(raw, str)
         try:
             obj = parse_json_object(raw)
         except DecodeError as exc:
+            metrics.frame_received("invalid")
             await _reject(conn, Reject(exc.error, exc.code))
             return None
         rid = obj.get("request_id")
         request_id = rid if type(rid) is str and rid else None
         if obj.get("type") != "register":
+            metrics.frame_received("invalid")  # anything before a REGISTER is out of place
             await _reject(conn, Reject(NOT_REGISTERED, "not_registered"), request_id=request_id)
             return None
         try:
             msg = structure_client_message(obj)
         except DecodeError as exc:
+            metrics.frame_received("invalid")
             await _reject(conn, Reject(exc.error, exc.code), request_id=request_id)
             return None
+        metrics.frame_received(ClientMessageType.REGISTER)
 
         registry = self.context.registry
         client_id = msg.client_id or ""
@@ -274,11 +283,15 @@ class AipHandler:
 
     async def handle_frame(self, conn: Connection, raw: str) -> None:
         """Decode one frame (WIRE-6), check the pinned identity (§3.3), hand it to its handler."""
+        metrics = self.context.metrics
+        start = metrics.now()
         try:
             msg = decode_client_message(raw)
         except DecodeError as exc:
+            metrics.frame_received("invalid")
             await conn.send_error(exc.error, exc.code, request_id=exc.request_id)
             return
+        metrics.frame_received(msg.type)
         entry = conn.entry
         assert entry is not None
         refusal = _rules.check_identity(entry.client_id, entry.role, msg)  # ID-1, ID-2
@@ -288,7 +301,8 @@ class AipHandler:
         kind = msg.type
         if kind is ClientMessageType.HEARTBEAT:
             entry.last_heartbeat = trio.current_time()
-            await conn.send_text(encode_heartbeat_ack())
+            await conn.send_text(encode_heartbeat_ack(), ServerMessageType.HEARTBEAT)
+            metrics.heartbeat_handled(metrics.now() - start)
         elif kind is ClientMessageType.TASK:
             await self.sessions.handle_task(conn, msg)
         elif kind is ClientMessageType.COMMAND_RESULTS:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from ._config import ServerConfig
     from ._context import Shutdown
+    from ._metrics import Metrics
 
 log = logging.getLogger("ufo_trio")
 
@@ -205,10 +206,13 @@ class HttpConnection:
     Not safe for concurrent use: it is driven by the connection's handler task only.
     """
 
-    def __init__(self, stream: trio.abc.Stream, remote: str, config: ServerConfig) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, remote: str, config: ServerConfig, metrics: Metrics
+    ) -> None:
         self.stream = stream
         self.remote = remote
         self.config = config
+        self.metrics = metrics
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header_size)
         #: The method of the request being answered ("" before one was parsed): a response to
         #: HEAD carries no body.
@@ -259,11 +263,13 @@ class HttpConnection:
                 self._content_length = head.header("content-length")
                 return head
             if status == 431:
-                log_refusal(self.remote, "max-header-size", f"{config.max_header_size} bytes; 431")
+                limit = config.max_header_size
+                log_refusal(self.metrics, self.remote, "max-header-size", f"{limit} bytes; 431")
             self._method = self._pending_method()
             return status
         if first or conn.trailing_data[0]:  # LIM-2: a head was started, or is the first
             log_refusal(
+                self.metrics,
                 self.remote,
                 "registration-timeout",
                 f"{config.registration_timeout:g}s for the request head",
@@ -284,7 +290,7 @@ class HttpConnection:
         except ValueError:  # pragma: no cover - h11 has already rejected a bad Content-Length
             declared = 0
         if declared > limit:  # LIM-4, without reading a byte of it
-            log_refusal(self.remote, "max-body-size", f"{limit} bytes; 413")
+            log_refusal(self.metrics, self.remote, "max-body-size", f"{limit} bytes; 413")
             raise Refused(error_reply(413, "Request body too large", close=True))
         chunks: list[bytes] = []
         size = 0
@@ -296,7 +302,8 @@ class HttpConnection:
                 if isinstance(event, h11.Data):
                     size += len(event.data)
                     if size > limit:  # LIM-4 for a body without a (truthful) length
-                        log_refusal(self.remote, "max-body-size", f"{limit} bytes; 413")
+                        detail = f"{limit} bytes; 413"
+                        log_refusal(self.metrics, self.remote, "max-body-size", detail)
                         raise Refused(error_reply(413, "Request body too large", close=True))
                     chunks.append(bytes(event.data))
                 elif isinstance(event, h11.EndOfMessage):
@@ -306,7 +313,10 @@ class HttpConnection:
                 else:
                     raise PeerGone
         log_refusal(
-            self.remote, "registration-timeout", f"{config.registration_timeout:g}s for the body"
+            self.metrics,
+            self.remote,
+            "registration-timeout",
+            f"{config.registration_timeout:g}s for the body",
         )
         raise PeerGone
 
@@ -364,7 +374,8 @@ class HttpConnection:
         """
         conn = self._h11
         headers = self._headers(reply.headers, reply.close or closing)
-        headers.append((b"content-length", str(len(reply.body)).encode()))
+        if reply.status != 304:  # a 304's headers describe the cached body, not this empty one
+            headers.append((b"content-length", str(len(reply.body)).encode()))
         try:
             data = conn.send(self._response(reply.status, headers)) or b""
             if self._method != "HEAD":  # a HEAD response has headers only
@@ -422,7 +433,8 @@ class HttpConnection:
         Bounded: at most `LINGER_SECONDS` plus one small write.
         """
         if reply is None:
-            log_refusal(self.remote, "max-connections", str(self.config.max_connections))
+            limit = str(self.config.max_connections)
+            log_refusal(self.metrics, self.remote, "max-connections", limit)
             reply = error_reply(
                 503, TOO_MANY_CONNECTIONS, headers=((b"retry-after", b"1"),), close=True
             )
@@ -518,6 +530,13 @@ class HttpService:
 
     async def serve(self, http: HttpConnection, head: RequestHead) -> None:
         """Answer `head` and every further request on the connection (keep-alive)."""
+        http.metrics.http_opened()
+        try:
+            await self._serve(http, head)
+        finally:
+            http.metrics.http_closed()
+
+    async def _serve(self, http: HttpConnection, head: RequestHead) -> None:
         while True:
             try:
                 reply = await self._respond(http, head)

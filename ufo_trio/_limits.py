@@ -21,6 +21,7 @@ import trio
 if TYPE_CHECKING:
     from ._config import ServerConfig
     from ._connection import Connection
+    from ._metrics import Metrics
 
 log = logging.getLogger("ufo_trio")
 
@@ -35,8 +36,10 @@ LINGER_SECONDS: Final = 1.0
 LINGER_BYTES: Final = 1024 * 1024
 
 
-def log_refusal(client: str, limit: str, detail: str) -> None:
-    """The one log line of a limit refusal: who, which limit (its flag name), and its value."""
+def log_refusal(metrics: Metrics, client: str, limit: str, detail: str) -> None:
+    """The one log line of a limit refusal: who, which limit (its flag name), and its value;
+    counted in `limit_refusals_total{limit}`."""
+    metrics.limit_refused(limit)
     log.warning("%s: limit %s reached (%s)", client, limit, detail)
 
 
@@ -74,7 +77,9 @@ async def refuse_rate_limited(conn: Connection) -> None:
     """A connection sent frames faster than its bucket allows: ERROR, then close 1008."""
     config = conn.context.config
     log_refusal(
-        conn.label, "message-rate", f"{config.message_rate:g}/s, burst {config.message_burst}"
+        conn.context.metrics,
+        conn.label,
+        "message-rate", f"{config.message_rate:g}/s, burst {config.message_burst}"
     )
     await conn.send_error(MESSAGE_RATE_EXCEEDED, "rate_limited")
     conn.close(1008, "rate_limited")

@@ -37,6 +37,7 @@ from ._config import LLM_AGENTS, parse_tool_secret, shown_url
 from ._errors import ConfigError
 from ._http import is_loopback_host
 from ._messages import Command, Result, ResultStatus, ToolType
+from ._metrics import Metrics, NullMetrics
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -722,9 +723,13 @@ def _system_prompt(ctx: SessionContext, info: Mapping[str, Any] | None) -> str:
 class LlmAgent:
     """The natural-language agent (docs/agents.md): list tools, then model turn ↔ one COMMAND."""
 
-    def __init__(self, settings: LlmSettings, model: ChatModel) -> None:
+    def __init__(
+        self, settings: LlmSettings, model: ChatModel, metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
         self.model = model
+        #: `model_calls_total{outcome}` and `model_call_seconds`, one per attempt.
+        self.metrics = NullMetrics() if metrics is None else metrics
         self._secrets = _secret_forms(settings.secrets())
 
     def _scrub(self, text: str) -> str:
@@ -896,11 +901,17 @@ class LlmAgent:
         retries = 0
         while True:
             error: ModelError | None = None
+            start = trio.current_time()
             with trio.move_on_after(timeout):
                 try:
-                    return await self.model.complete(messages, tools)
+                    reply = await self.model.complete(messages, tools)
                 except ModelError as exc:
                     error = exc
+                else:
+                    self.metrics.model_call("ok", trio.current_time() - start)
+                    return reply
+            outcome = "timeout" if error is None else "error"
+            self.metrics.model_call(outcome, trio.current_time() - start)
             if error is None:
                 raise ModelError(
                     f"the model did not answer within {timeout:g} s; raise --llm-timeout or "
@@ -972,15 +983,19 @@ class LlmAgentFactory:
     settings: LlmSettings
     model: ChatModel
     auto: bool = False
+    metrics: Metrics | None = None
 
     def __call__(self, platform: str) -> Agent:
-        agent = LlmAgent(self.settings, self.model)
+        agent = LlmAgent(self.settings, self.model, self.metrics)
         return AutoAgent(agent) if self.auto else agent
 
 
 
 def build_agent(
-    config: ServerConfig, *, model_transport: httpx.AsyncBaseTransport | None = None
+    config: ServerConfig,
+    *,
+    model_transport: httpx.AsyncBaseTransport | None = None,
+    metrics: Metrics | None = None,
 ) -> tuple[AgentFactory, OpenAIChatModel | None]:
     """The agent factory for `config.effective_agent`, and the model client to own (or None).
 
@@ -998,4 +1013,4 @@ def build_agent(
             shown_url(parts),
         )
     model = OpenAIChatModel(settings, transport=model_transport)
-    return LlmAgentFactory(settings, model, auto=spec == "auto"), model
+    return LlmAgentFactory(settings, model, auto=spec == "auto", metrics=metrics), model

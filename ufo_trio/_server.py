@@ -7,6 +7,7 @@ import datetime
 import logging
 import secrets
 import time
+from collections import Counter
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -15,10 +16,12 @@ import trio
 
 from ._api import Api, ApiContext
 from ._context import Auth, ServerContext
+from ._dashboard import Dashboard
 from ._endpoint import handle_stream
 from ._handlers import AipHandler
 from ._http import HttpService
 from ._llm import OpenAIChatModel, build_agent
+from ._metrics import Metrics, MetricsExporter, NullMetrics
 from ._registry import Registry
 from ._rules import SHUTTING_DOWN
 from ._sessions import SessionManager
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
     from ._agents import AgentFactory
     from ._config import ServerConfig
     from ._connection import Connection
+    from ._messages import ClientType
 
 log = logging.getLogger("ufo_trio")
 
@@ -76,21 +80,39 @@ class Server:
     _served: bool = False
     #: The model client of the llm agent (its HTTP connection pool), owned by `run`.
     model: OpenAIChatModel | None = None
+    #: The counters (issue 12); None: built from the config (`metrics_for`).
+    metrics: Metrics | None = None
 
     def __attrs_post_init__(self) -> None:
+        config = self.config
         self.context = ServerContext(
-            config=self.config,
+            config=config,
             registry=self.registry,
-            auth=Auth.build(self.api_key, self.config.allowed_origins),
+            auth=Auth.build(self.api_key, config.allowed_origins),
             store=TaskStore.from_config(
-                self.config,
+                config,
                 online=partial(online_clients, self.registry),
                 secrets=self.model.settings.secrets() if self.model is not None else (),
             ),
+            metrics=metrics_for(config) if self.metrics is None else self.metrics,
         )
         self.sessions = SessionManager(self.context, self.agent_factory)
         self.handler = AipHandler(self.context, self.sessions)
-        api = Api(ApiContext(shared=self.context, sessions=self.sessions))
+        exporter = None
+        if config.metrics:
+            exporter = MetricsExporter(
+                self.context.metrics,
+                registered=partial(_count_by_role, self.registry),
+                live_sessions=lambda: len(self.sessions.live),
+            )
+        api = Api(
+            ApiContext(
+                shared=self.context,
+                sessions=self.sessions,
+                exporter=exporter,
+                dashboard=Dashboard(),
+            )
+        )
         self.http = HttpService(api.respond, self.context.shutdown)
 
     # The shutdown state and the credentials live in `context`; these read them for the listener
@@ -260,6 +282,16 @@ def online_clients(registry: Registry) -> list[OnlineClient]:
     ]
 
 
+def metrics_for(config: ServerConfig) -> Metrics:
+    """The server's counters: `Metrics` labelled with its agent, or `NullMetrics` if off."""
+    return Metrics(agents=(config.effective_agent,)) if config.metrics else NullMetrics()
+
+
+def _count_by_role(registry: Registry) -> Counter[ClientType]:
+    """Registered clients per role, for the `connections` gauge (read at scrape time)."""
+    return Counter(entry.role for entry in registry)
+
+
 def build_server(
     config: ServerConfig,
     *,
@@ -267,15 +299,19 @@ def build_server(
     tls: ServerTLS | None = None,
     model_transport: httpx.AsyncBaseTransport | None = None,
     agent: tuple[AgentFactory, OpenAIChatModel | None] | None = None,
+    metrics: Metrics | None = None,
 ) -> Server:
     """A `Server` that is not yet running. Raises `ConfigError` for a bad `--agent` (or LLM
     setting). *tls* comes from `load_tls` when `config.tls_cert` is set (`serve` does that);
     `model_transport` replaces the llm agent's HTTP transport (in-process fake models);
-    *agent* is `build_agent(config)` when the caller already built it.
+    *agent* is `build_agent(config, metrics=metrics)` when the caller already built it (then
+    pass the same *metrics*: the llm agent counts its model calls in them).
     """
     api_key = config.api_key if config.api_key is not None else secrets.token_urlsafe(32)
+    if metrics is None:
+        metrics = metrics_for(config)
     if agent is None:
-        agent = build_agent(config, model_transport=model_transport)
+        agent = build_agent(config, model_transport=model_transport, metrics=metrics)
     agent_factory, model = agent
     return Server(
         config=config,
@@ -286,6 +322,7 @@ def build_server(
         port=port,
         tls=tls,
         model=model,
+        metrics=metrics,
     )
 
 
@@ -298,7 +335,8 @@ async def serve(
     `server = await nursery.start(serve, config)`. Raises `ConfigError` for a bad `--agent`
     and `OSError` if the address cannot be bound.
     """
-    agent = build_agent(config)  # fail before binding
+    metrics = metrics_for(config)
+    agent = build_agent(config, metrics=metrics)  # fail before binding
     tls = None
     if config.tls_cert is not None and config.tls_key is not None:
         tls = await load_tls(config.tls_cert, config.tls_key)  # ConfigError before binding
@@ -309,6 +347,6 @@ async def serve(
             await extra.aclose()
         listeners = listeners[:1]
     server = build_server(
-        config, port=listeners[0].socket.getsockname()[1], tls=tls, agent=agent
+        config, port=listeners[0].socket.getsockname()[1], tls=tls, agent=agent, metrics=metrics
     )
     await server.run(listeners, task_status=task_status)

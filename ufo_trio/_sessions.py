@@ -137,6 +137,8 @@ class Session:
     #: The executor's `system_info` from its REGISTER (read-only; None if it sent none).
     system_info: Mapping[str, Any] | None = None
     started_at: str = attrs.field(factory=wall_now)
+    #: trio time at creation (task duration in the metrics).
+    started: float = attrs.field(factory=trio.current_time)
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     cancel_reason: str | None = None
     done: trio.Event = attrs.field(factory=trio.Event)
@@ -174,9 +176,10 @@ class Session:
         waiter = _Waiter(commands)
         self.waiters[response_id] = waiter
         context = self.manager.context
-        config, store = context.config, context.store
+        config, store, metrics = context.config, context.store, context.metrics
         step = self.steps
         self.steps += 1
+        sent = trio.current_time()
         try:
             try:
                 await self.executor.send(
@@ -192,6 +195,7 @@ class Session:
                         response_id=response_id,
                     )
                 )
+                metrics.commands_out(len(commands))
                 log.debug(
                     "session %s: COMMAND %s to %s",
                     shown(self.session_id),
@@ -207,6 +211,7 @@ class Session:
             if store is not None:  # the Results, or None for a timeout
                 await store.results_received(self.session_id, step, waiter.results, wall_now())
             if waiter.results is None:  # CMD-6
+                metrics.command_timed_out()
                 log.info(
                     "session %s: no results for %s within %gs",
                     shown(self.session_id),
@@ -217,6 +222,7 @@ class Session:
                     commands,
                     f"timeout: no command results received within {config.command_timeout:g} s",
                 )
+            metrics.command_answered(trio.current_time() - sent)
             return waiter.results
         finally:
             self.waiters.pop(response_id, None)
@@ -338,7 +344,9 @@ class SessionManager:
         if isinstance(verdict, Reject):
             if verdict is _rules.TOO_MANY_SESSIONS:  # TASK-6
                 limit = config.max_sessions_per_client
-                log_refusal(conn.label, "max-sessions-per-client", f"{limit} live sessions")
+                log_refusal(
+                    context.metrics, conn.label, "max-sessions-per-client", f"{limit} live sessions"
+                )
             await self._refuse_task(conn, entry.role, msg, verdict)
             return
         executor_entry = verdict.executor
@@ -499,7 +507,10 @@ class SessionManager:
                 finished_at=finished_at,
             )
         )
-        store = self.context.store
+        context = self.context
+        duration = trio.current_time() - session.started
+        context.metrics.task_ended(status.value, context.config.effective_agent, duration)
+        store = context.store
         if store is not None:  # never dropped; bounded (the queue's full-wait) if it is full
             await store.task_ended(
                 session.session_id,
@@ -522,7 +533,7 @@ class SessionManager:
             for conn in recipients:  # END-3: the requester's copy is written first
                 if conn.is_open:
                     try:
-                        await conn.send_text(text)
+                        await conn.send_text(text, ServerMessageType.TASK_END)
                     except ConnectionGone:
                         pass
 

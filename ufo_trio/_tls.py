@@ -25,6 +25,7 @@ from ._http import HttpConnection, error_reply
 
 if TYPE_CHECKING:
     from ._config import ServerConfig
+    from ._metrics import Metrics
 
 log = logging.getLogger("ufo_trio")
 
@@ -108,7 +109,11 @@ async def load_tls(cert: str, key: str) -> ServerTLS:
 
 
 async def accept_tls(
-    stream: trio.abc.Stream, context: ssl.SSLContext, remote: str, config: ServerConfig
+    stream: trio.abc.Stream,
+    context: ssl.SSLContext,
+    remote: str,
+    config: ServerConfig,
+    metrics: Metrics,
 ) -> trio.SSLStream[trio.abc.Stream] | None:
     """Run the server side of the TLS handshake on *stream*; None if it failed.
 
@@ -127,7 +132,9 @@ async def accept_tls(
         if first[0] != _TLS_HANDSHAKE:
             log.info("%s: plain-text request on the TLS port refused (400)", remote)
             # Lingers after the answer, so the peer reads it instead of a reset.
-            await HttpConnection(stream, remote, config).refuse_connection(PLAIN_REFUSAL)
+            await HttpConnection(stream, remote, config, metrics).refuse_connection(
+                PLAIN_REFUSAL
+            )
             return None
     # https_compatible: clients often close without a TLS close_notify; the WebSocket and HTTP
     # layers above frame their own messages, so a bare EOF is an ordinary end.
