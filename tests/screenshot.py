@@ -62,7 +62,8 @@ def running(name: str) -> str:
 def ended(name: str) -> str:
     return (
         "return Array.from(document.querySelectorAll('#recent tbody tr'))"
-        f".some(tr => tr.cells.length > 1 && tr.cells[1].textContent === {name!r})"
+        f".some(tr => tr.cells.length > 1 && tr.cells[1].textContent === {name!r}"
+        " && tr.cells[0].textContent !== 'running')"
     )
 
 
@@ -99,7 +100,7 @@ async def shoot(driver: WebDriver, out: Path) -> None:
                 driver.get(url)
                 wait_for(
                     driver,
-                    "return document.querySelectorAll('#devices tbody tr').length >= 4",
+                    "return document.querySelectorAll('#devices tbody tr').length >= 3",
                     "the devices",
                 )
 
