@@ -170,6 +170,27 @@ async def test_history_survives_a_restart_and_unknown_names_are_pending(tmp_path
         assert store.recovered == 0
 
 
+async def test_closing_and_pruning_do_not_wait_out_the_group_commit_linger(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A writer gathering a batch (here for a minute) is told at once about a stop or a waited-for
+    # prune: the queued rows are committed at shutdown instead of being given up after
+    # flush_timeout ("did not finish"), and /prune returns with the pruning done.
+    db = tmp_path / "h.db"
+    async with opened(db, linger=60.0, flush_timeout=5.0, commit_wait=5.0, max_tasks=1) as store:
+        await store.task_accepted(record("s1", "n1"))  # durable: committed at once
+        await store.task_ended("s1", "completed", None, {"ok": 1}, "t", task_name="n1")
+        store.task_acked("s1", "t0")  # queued while the writer lingers after its commit
+        await store.task_accepted(record("s2", "n2"))
+        await store.task_ended("s2", "completed", None, {"ok": 2}, "t", task_name="n2")
+        await store.prune()  # max_tasks=1: s1 goes, once s2's outcome is committed
+        assert await store.task_result("n1") == {"status": "pending"}
+    assert not [r for r in caplog.records if "did not finish" in r.getMessage()]
+    async with opened(db) as store:
+        assert await store.task_result("n2") == {"status": "done", "result": {"ok": 2}}
+        assert store.recovered == 0
+
+
 async def test_task_result_latest_by_name_and_running_is_pending(tmp_path: Path) -> None:
     async with opened(tmp_path / "h.db") as store:
         await store.task_accepted(record("a", "same"))

@@ -297,6 +297,7 @@ class TaskStore:
         finally:
             self._closing = True
             self._queue.put(("stop",))
+            self._hurry.set()  # the writer may be lingering for a batch: stop now
             within = self.flush_timeout if self._flush_within is None else self._flush_within
             with trio.CancelScope(shield=True):
                 # Waited for in a worker thread with a real-time bound rather than under a Trio
@@ -528,6 +529,7 @@ class TaskStore:
         """Apply retention now and wait until it is done (bounded by `commit_wait`)."""
         done = trio.Event()
         self._queue.put(("prune", done))
+        self._hurry.set()
         with trio.move_on_after(self._commit_wait):
             await done.wait()
 
@@ -609,6 +611,7 @@ class TaskStore:
     def _writer_main(self) -> None:
         try:
             stopping = False
+            warm = False
             while not stopping:
                 if self._retry:
                     timeout: float | None = self._retry_interval
@@ -616,9 +619,10 @@ class TaskStore:
                     timeout = 0.0
                 else:
                     timeout = None
-                ops, stopping = self._drain(timeout)
+                ops, stopping = self._drain(timeout, warm)
                 batch = self._retry + ops
                 self._retry = []
+                warm = bool(ops)
                 if batch:
                     self._write(batch)
                 elif self._prune_more:
@@ -640,9 +644,20 @@ class TaskStore:
             self._writer_exited.set()
             self._call_trio(self._stopped.set)
 
-    def _drain(self, timeout: float | None) -> tuple[list[tuple[Any, ...]], bool]:
+    def _drain(
+        self, timeout: float | None, warm: bool = False
+    ) -> tuple[list[tuple[Any, ...]], bool]:
         was_full = self._queue.qsize() >= self._queue_size
         ops: list[tuple[Any, ...]] = []
+        lingered = False
+        if warm and timeout is None and self._linger and self._queue.empty():
+            # Just committed: more is on its way (the rest of a task, the next task). Wait here
+            # rather than in `get`, so that the operations nobody waits for do not wake this
+            # thread one by one while the event loop is busy: one wake-up per batch, by the
+            # linger timer or by a durable put (the next task row before its ACK).
+            self._hurry.wait(self._linger)
+            self._hurry.clear()
+            lingered = True
         try:
             if timeout == 0.0:
                 first = self._queue.get_nowait()
@@ -651,7 +666,8 @@ class TaskStore:
         except queue.Empty:
             return ops, False
         if (
-            self._linger
+            not lingered
+            and self._linger
             and first[0] != "stop"
             and not isinstance(first[-1], trio.Event)
             and self._queue.qsize() < MAX_BATCH  # plenty queued already: no need to wait
