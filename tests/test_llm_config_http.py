@@ -403,3 +403,34 @@ async def test_serve_builds_the_agent_once(monkeypatch: pytest.MonkeyPatch) -> N
             await nursery.start(serve, ServerConfig(host="127.0.0.1", port=0, api_key="k"))
         nursery.cancel_scope.cancel()
     assert len(calls) == 1
+
+
+async def test_model_client_splits_its_connections_into_small_pools() -> None:
+    """httpcore's pool does work quadratic in its size on every request (bench llm-concurrent:
+    114 s for 500 tasks with one pool of 1000): `--llm-max-connections` becomes pools of
+    POOL_SIZE and each call goes to the least busy one, so 70 calls in flight spread evenly."""
+    import httpx
+
+    from ufo_trio._llm import POOL_SIZE, LlmSettings, OpenAIChatModel
+
+    release = trio.Event()
+    arrived = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal arrived
+        arrived += 1
+        await release.wait()
+        return httpx.Response(200, json={"choices": [{"message": {"content": "ok"}}]})
+
+    settings = LlmSettings(base_url="http://model.invalid/v1", model="m", max_connections=70)
+    model = OpenAIChatModel(settings, transport=httpx.MockTransport(handler))
+    async with model, trio.open_nursery() as nursery:
+        assert POOL_SIZE == 32
+        assert len(model._clients) == 3  # 32 + 32 + 6
+        for _ in range(70):
+            nursery.start_soon(model.complete, [{"role": "user", "content": "x"}], [])
+        await trio.testing.wait_all_tasks_blocked()
+        assert arrived == 70
+        assert sorted(model._busy) == [23, 23, 24]
+        release.set()
+    assert model._clients == []

@@ -306,11 +306,18 @@ def parse_reply(body: bytes) -> ModelReply:
     )
 
 
+#: Connections per httpx pool. httpcore's pool does work quadratic in its connections on every
+#: request start and end (httpcore 1.0: an `is_idle()` list per idle connection), which at 500
+#: connections took the whole CPU (bench `llm-concurrent`: 114 s instead of 3). So
+#: `--llm-max-connections` is split into pools of this size, and a call goes to the least busy one.
+POOL_SIZE: Final = 32
+
+
 class OpenAIChatModel:
     """`ChatModel` over httpx: `POST {base_url}/chat/completions`.
 
-    Owns one `httpx.AsyncClient` (a connection pool shared by every session): `async with model:`
-    opens it and closes it on exit (shielded, bounded). `Server.run` is that owner. Pass
+    Owns the `httpx.AsyncClient`s (connection pools of `POOL_SIZE`, shared by every session):
+    `async with model:` opens them and closes them on exit (shielded, bounded). `Server.run` is that owner. Pass
     `transport` (e.g. an `httpx.MockTransport`) to talk to an in-process fake model.
     """
 
@@ -319,9 +326,12 @@ class OpenAIChatModel:
     ) -> None:
         self.settings = settings
         self._transport = transport
-        self._client: httpx.AsyncClient | None = None
-        #: The client's transport for the endpoint (the proxy one if the environment says so).
-        self._send: httpx.AsyncBaseTransport | None = None
+        #: The pools (see `POOL_SIZE`); empty while not running.
+        self._clients: list[httpx.AsyncClient] = []
+        #: Each client's transport for the endpoint (the proxy one if the environment says so).
+        self._sends: list[httpx.AsyncBaseTransport] = []
+        #: Calls in flight per pool: a call goes to the least busy one.
+        self._busy: list[int] = []
         self._url: httpx.URL | None = None
         self._headers = {
             "content-type": "application/json",
@@ -341,24 +351,30 @@ class OpenAIChatModel:
     async def __aenter__(self) -> OpenAIChatModel:
         import httpx  # deferred: a server without a model never loads it
 
-        limits = httpx.Limits(
-            max_connections=self.settings.max_connections,
-            max_keepalive_connections=self.settings.max_connections,
-            keepalive_expiry=30.0,
-        )
+        total = self.settings.max_connections
+        sizes = [min(POOL_SIZE, total - start) for start in range(0, total, POOL_SIZE)]
         # Deadlines come from trio scopes in the agent (MockClock drives them), not from httpx.
         # The environment's HTTPS_PROXY / NO_PROXY / SSL_CERT_FILE apply, as for any httpx client.
         # Loading the CA bundle blocks (tens of ms): in a thread, not on the event loop.
         verify = await trio.to_thread.run_sync(httpx.create_ssl_context)
-        self._client = httpx.AsyncClient(
-            transport=self._transport, limits=limits, timeout=None, verify=verify
-        )
+        self._clients = [
+            httpx.AsyncClient(
+                transport=self._transport,
+                limits=httpx.Limits(
+                    max_connections=size, max_keepalive_connections=size, keepalive_expiry=30.0
+                ),
+                timeout=None,
+                verify=verify,
+            )
+            for size in sizes
+        ]
         # One model call goes straight to the pooled transport the client chose for the
         # endpoint (proxy or direct, per HTTPS_PROXY / NO_PROXY): the client's per-request
         # work (URL merging, cookies, auth and redirect handling) is CPU the agent pays on
         # every step for features a model call never uses (docs/performance.md).
-        self._url = httpx.URL(self.settings.endpoint)
-        self._send = self._client._transport_for_url(self._url)
+        self._url = url = httpx.URL(self.settings.endpoint)
+        self._sends = [client._transport_for_url(url) for client in self._clients]
+        self._busy = [0] * len(self._clients)
         return self
 
     async def __aexit__(
@@ -367,18 +383,32 @@ class OpenAIChatModel:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        client, self._client = self._client, None
-        self._send = None
-        if client is not None:
-            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+        clients, self._clients = self._clients, []
+        self._sends = []
+        with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+            for client in clients:
                 await client.aclose()
 
     async def complete(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
     ) -> ModelReply:
-        transport, url = self._send, self._url
-        if transport is None or url is None:
+        busy, url = self._busy, self._url
+        if not self._sends or url is None:
             raise ModelError("the model client is not running (the server is stopping)")
+        pool = busy.index(min(busy))
+        busy[pool] += 1
+        try:
+            return await self._complete(self._sends[pool], url, messages, tools)
+        finally:
+            busy[pool] -= 1
+
+    async def _complete(
+        self,
+        transport: httpx.AsyncBaseTransport,
+        url: httpx.URL,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+    ) -> ModelReply:
         import httpx
 
         settings = self.settings
