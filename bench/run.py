@@ -770,68 +770,80 @@ TLS_FIGURES: list[tuple[str, str, Callable[[dict[str, Any]], float | None], str,
 ]
 
 
-def tls_table(scenarios: list[Scenario], results: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
-    """ufo_trio over ws:// and over wss://, same run: what TLS costs (issue 13)."""
+def pair_table(
+    scenarios: list[Scenario],
+    results: dict[str, dict[str, list[dict[str, Any]]]],
+    *,
+    pick: Callable[[Scenario], bool],
+    base: tuple[str, str],
+    other: tuple[str, str],
+    suffix: str,
+    ratio_head: str,
+    ratio_fmt: str,
+    target: Callable[[str, float | None, float | None, float | None], str],
+) -> str:
+    """Two ufo_trio variants side by side in the same run (`base` and `other`: server kind and
+    column label), one row per figure of `TLS_FIGURES`; `target(label, base, other, limit)`
+    fills the last column."""
     head = [
-        "| scenario | figure | ufo_trio ws:// | ufo_trio wss:// | wss / ws | target |",
+        f"| scenario | figure | {base[1]} | {other[1]} | {ratio_head} | target |",
         "|---|---|---:|---:|---:|---|",
     ]
     rows: list[str] = []
     for scenario in scenarios:
-        if not scenario.tls:
+        if not pick(scenario):
             continue
         per_server = results.get(scenario.name, {})
         for kind, label, get, fmt, limit in TLS_FIGURES:
             if kind != scenario.kind:
                 continue
             figure = Figure(kind=kind, label=label, get=get, fmt=fmt)
-            plain, spread_p = median_figure(per_server.get(UFO, []), figure)
-            tls, spread_t = median_figure(per_server.get(UFO_TLS, []), figure)
-            cell_p = "–" if plain is None else fmt.format(plain) + spread_p
-            cell_t = "–" if tls is None else fmt.format(tls) + spread_t
-            ratio = f"{tls / plain:.2f}×" if plain and tls is not None and "%" not in fmt else ""
-            target = ""
-            if limit is not None and tls is not None:
-                target = f"wss:// ≤ {limit:g} {'✅' if tls <= limit else '❌'}"
-            rows.append(f"| {scenario.title} (TLS) | {label} | {cell_p} | {cell_t} | {ratio} | {target} |")
+            a, spread_a = median_figure(per_server.get(base[0], []), figure)
+            b, spread_b = median_figure(per_server.get(other[0], []), figure)
+            cell_a = "–" if a is None else fmt.format(a) + spread_a
+            cell_b = "–" if b is None else fmt.format(b) + spread_b
+            ratio = ratio_fmt.format(b / a) if a and b is not None and "%" not in fmt else ""
+            rows.append(
+                f"| {scenario.title}{suffix} | {label} | {cell_a} | {cell_b} | {ratio} "
+                f"| {target(label, a, b, limit)} |"
+            )
         for kind_, rs in per_server.items():
             for r in rs:
                 if "error" in r:
-                    rows.append(f"| {scenario.title} (TLS) | **error** | {kind_}: {r['error']} | | | |")
+                    rows.append(f"| {scenario.title}{suffix} | **error** | {kind_}: {r['error']} | | | |")
     return "\n".join(head + rows) if rows else ""
+
+
+def _tls_target(label: str, plain: float | None, tls: float | None, limit: float | None) -> str:
+    if limit is None or tls is None:
+        return ""
+    return f"wss:// ≤ {limit:g} {'✅' if tls <= limit else '❌'}"
+
+
+def _metrics_target(label: str, off: float | None, on: float | None, limit: float | None) -> str:
+    if not label.startswith("server CPU") or not off or on is None:
+        return ""
+    return f"≤ 1.05× {'✅' if on / off <= 1.05 else '❌'}"
+
+
+def tls_table(scenarios: list[Scenario], results: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
+    """ufo_trio over ws:// and over wss://, same run: what TLS costs (issue 13)."""
+    return pair_table(
+        scenarios, results, pick=lambda s: s.tls, base=(UFO, "ufo_trio ws://"),
+        other=(UFO_TLS, "ufo_trio wss://"), suffix=" (TLS)", ratio_head="wss / ws", ratio_fmt="{:.2f}×",
+        target=_tls_target,
+    )  # fmt: skip
 
 
 def metrics_table(
     scenarios: list[Scenario], results: dict[str, dict[str, list[dict[str, Any]]]]
 ) -> str:
     """ufo_trio counting vs ufo_trio --no-metrics, same run: what metrics cost (issue 12)."""
-    head = [
-        "| scenario | figure | ufo_trio --no-metrics | ufo_trio (metrics on) | on / off | target |",
-        "|---|---|---:|---:|---:|---|",
-    ]
-    rows: list[str] = []
-    for scenario in scenarios:
-        if not scenario.metrics:
-            continue
-        per_server = results.get(scenario.name, {})
-        for kind, label, get, fmt, _ in TLS_FIGURES:
-            if kind != scenario.kind:
-                continue
-            figure = Figure(kind=kind, label=label, get=get, fmt=fmt)
-            off, spread_off = median_figure(per_server.get(UFO_NO_METRICS, []), figure)
-            on, spread_on = median_figure(per_server.get(UFO, []), figure)
-            cell_off = "–" if off is None else fmt.format(off) + spread_off
-            cell_on = "–" if on is None else fmt.format(on) + spread_on
-            ratio = f"{on / off:.3f}×" if off and on is not None and "%" not in fmt else ""
-            target = ""
-            if label.startswith("server CPU") and off and on is not None:
-                target = f"≤ 1.05× {'✅' if on / off <= 1.05 else '❌'}"
-            rows.append(f"| {scenario.title} | {label} | {cell_off} | {cell_on} | {ratio} | {target} |")
-        for kind_, rs in per_server.items():
-            for r in rs:
-                if "error" in r:
-                    rows.append(f"| {scenario.title} | **error** | {kind_}: {r['error']} | | | |")
-    return "\n".join(head + rows) if rows else ""
+    return pair_table(
+        scenarios, results, pick=lambda s: s.metrics, base=(UFO_NO_METRICS, "ufo_trio --no-metrics"),
+        other=(UFO, "ufo_trio (metrics on)"), suffix="", ratio_head="on / off", ratio_fmt="{:.3f}×",
+        target=_metrics_target,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
