@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ufo-arg", action="append", default=[])
     parser.add_argument("--py-spy", default=shutil.which("py-spy"), help="py-spy executable")
     parser.add_argument("--cprofile", action="store_true", help="use cProfile, not py-spy")
+    parser.add_argument(
+        "--threads", action="store_true", help="py-spy: split the stacks by thread (writer vs loop)"
+    )
     parser.add_argument("--priority", type=int, default=None, help="as for python -m bench")
     parser.add_argument("--out", type=Path, default=None, help="directory for the raw profile")
     args = parser.parse_args(argv)
@@ -164,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                     "raw",
                     "--output",
                     str(folded),
+                    *(["--threads"] if args.threads else []),
                 ],
                 check=True,
                 stdout=subprocess.DEVNULL,

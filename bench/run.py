@@ -446,6 +446,9 @@ def start_fake_model(delay: float, opts: Options, label: str) -> tuple[subproces
             cwd=REPO, env=child_env(),
         )  # fmt: skip
     _proc.pin(proc.pid, opts.gen_cpu)
+    # Same priority as the generator it shares its CPU with: at nice 0 beside two processes at
+    # -15 on a shared machine, the fake model (not the server) set the pace of llm-concurrent.
+    _proc.set_nice(proc.pid, opts.priority)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         m = re.search(r"listening on (\S+)", log.read_text(errors="replace"))
@@ -479,8 +482,14 @@ def run_one(kind: str, scenario: Scenario, opts: Options, label: str) -> dict[st
             model.kill()
             model.wait()
         raise
+    model_cpu0 = 0.0 if model is None else _proc.cpu_seconds(model.pid)
     try:
         result = run_loadgen(server, scenario, opts)
+        if model is not None:  # the fake model shares the generator's CPU: is it the pace?
+            result["model_cpu_s"] = _proc.cpu_seconds(model.pid) - model_cpu0
+            wall = result.get("wall_s")
+            if wall:
+                result["model_util"] = result["model_cpu_s"] / wall
     finally:
         status = server.stop()
         if model is not None:
@@ -663,6 +672,24 @@ FIGURES: list[Figure] = [
         label="all tasks complete, wall s",
         get=_path("wall_s"),
         fmt="{:.2f}",
+    ),
+    Figure(
+        kind="llmconcurrent",
+        label="server CPU use during the burst",
+        get=_path("server_util"),
+        fmt="{:.0%}",
+    ),
+    Figure(
+        kind="llmconcurrent",
+        label="fake model CPU use (shares the generator's CPU)",
+        get=_path("model_util"),
+        fmt="{:.0%}",
+    ),
+    Figure(
+        kind="llmconcurrent",
+        label="generator CPU use",
+        get=_path("gen_util"),
+        fmt="{:.0%}",
     ),
     Figure(
         kind="llmconcurrent",

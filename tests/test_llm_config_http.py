@@ -425,12 +425,12 @@ async def test_model_client_splits_its_connections_into_small_pools() -> None:
     settings = LlmSettings(base_url="http://model.invalid/v1", model="m", max_connections=70)
     model = OpenAIChatModel(settings, transport=httpx.MockTransport(handler))
     async with model, trio.open_nursery() as nursery:
-        assert POOL_SIZE == 32
-        assert len(model._clients) == 3  # 32 + 32 + 6
+        assert POOL_SIZE == 8
+        assert len(model._clients) == 9  # 8 × 8 + 6
         for _ in range(70):
             nursery.start_soon(model.complete, [{"role": "user", "content": "x"}], [])
         await trio.testing.wait_all_tasks_blocked()
         assert arrived == 70
-        assert sorted(model._busy) == [23, 23, 24]
+        assert sorted(model._busy) == [7, 7, 8, 8, 8, 8, 8, 8, 8]
         release.set()
     assert model._clients == []

@@ -196,12 +196,13 @@ class Session:
                     )
                 )
                 metrics.commands_out(len(commands))
-                log.debug(
-                    "session %s: COMMAND %s to %s",
-                    shown(self.session_id),
-                    [shown(c.tool_name, 40) for c in commands],
-                    shown(self.executor_id),
-                )
+                if log.isEnabledFor(logging.DEBUG):  # the name list costs more than the call
+                    log.debug(
+                        "session %s: COMMAND %s to %s",
+                        shown(self.session_id),
+                        [shown(c.tool_name, 40) for c in commands],
+                        shown(self.executor_id),
+                    )
             except ConnectionGone:
                 pass  # the executor is closing; its teardown cancels this session
             if store is not None:
