@@ -630,21 +630,56 @@ class TaskStore:
         try:
             stopping = False
             warm = False
+            # Operations nobody waits for, held back while task rows commit on their own so
+            # that the wait before an ACK is one INSERT's transaction; written together once
+            # `held_until` passes (the linger), or with anything else somebody waits for.
+            held: list[tuple[Any, ...]] = []
+            held_until = 0.0
             while not stopping:
+                hold: float | None = None
                 if self._retry:
                     timeout: float | None = self._retry_interval
                 elif self._prune_more:
                     timeout = 0.0
                 else:
                     timeout = None
-                ops, stopping = self._drain(timeout, warm)
-                batch = self._retry + ops
+                    if held:
+                        hold = max(held_until - time.monotonic(), 0.0)
+                ops, stopping = self._drain(timeout, warm, hold)
+                had_held = bool(held)
+                batch = held + self._retry + ops
+                held = []
                 self._retry = []
                 warm = bool(ops)
-                if batch:
+                if not batch:
+                    if self._prune_more:
+                        self._prune_step()
+                    continue
+                urgent, rest = (
+                    _split_urgent(batch) if self._linger and not stopping else ([], batch)
+                )
+                if not urgent and not had_held:
                     self._write(batch)
-                elif self._prune_more:
-                    self._prune_step()
+                    continue
+                if urgent:
+                    self._write(urgent)
+                if not rest:
+                    continue
+                now = time.monotonic()
+                if self._retry:  # the disk failed: keep the rest with the task rows, in order
+                    self._retry.extend(rest)
+                elif (
+                    stopping
+                    or self._prune_more  # a prune sees every outcome committed
+                    or (had_held and now >= held_until)
+                    or len(rest) >= MAX_BATCH
+                    or any(isinstance(op[-1], trio.Event) for op in rest)
+                ):
+                    self._write(rest)
+                else:
+                    if not had_held:
+                        held_until = now + self._linger
+                    held = rest
             if self._retry:
                 log.error(
                     "task store: stopping with %d operation(s) that could not be written",
@@ -663,12 +698,20 @@ class TaskStore:
             self._call_trio(self._stopped.set)
 
     def _drain(
-        self, timeout: float | None, warm: bool = False
+        self, timeout: float | None, warm: bool = False, hold: float | None = None
     ) -> tuple[list[tuple[Any, ...]], bool]:
         was_full = self._queue.qsize() >= self._queue_size
         ops: list[tuple[Any, ...]] = []
         lingered = False
-        if warm and timeout is None and self._linger and self._queue.empty():
+        if hold is not None:
+            # Operations are held back (see `_writer_main`): wait for a task row or the end of
+            # the hold, whichever comes first, then take what is queued.
+            if self._queue.empty():
+                self._hurry.wait(hold)
+                self._hurry.clear()
+            lingered = True
+            timeout = 0.0
+        elif warm and timeout is None and self._linger and self._queue.empty():
             # Just committed: more is on its way (the rest of a task, the next task). Wait here
             # rather than in `get`, so that the operations nobody waits for do not wake this
             # thread one by one while the event loop is busy: one wake-up per batch, by the
@@ -1178,3 +1221,30 @@ def _is_disk_error(exc: BaseException) -> bool:
 
 def _events(batch: Iterable[tuple[Any, ...]]) -> list[trio.Event]:
     return [op[-1] for op in batch if isinstance(op[-1], trio.Event)]
+
+
+def _op_session(op: tuple[Any, ...]) -> str | None:
+    kind = op[0]
+    if kind in ("acked", "command", "results", "turn"):
+        return str(op[1])
+    if kind in ("accepted", "ended"):
+        return str(op[1].session_id)
+    return None
+
+
+def _split_urgent(
+    batch: list[tuple[Any, ...]],
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """The task rows somebody waits for (before their ACK) that can commit ahead of the rest
+    of `batch`: those whose session has no earlier operation in it. Order is kept otherwise."""
+    urgent: list[tuple[Any, ...]] = []
+    rest: list[tuple[Any, ...]] = []
+    sessions: set[str | None] = set()
+    for op in batch:
+        if op[0] == "accepted" and isinstance(op[-1], trio.Event):
+            if op[1].session_id not in sessions:
+                urgent.append(op)
+                continue
+        rest.append(op)
+        sessions.add(_op_session(op))
+    return urgent, rest
