@@ -158,6 +158,51 @@ async def test_a_task_and_its_transcript_read_back_in_the_contract_shape(tmp_pat
     assert rows(db, "SELECT status, commands FROM tasks") == [("completed", 2)]
 
 
+async def test_a_resent_command_in_one_batch_replaces_its_step_and_later_results_update_it(
+    tmp_path: Path,
+) -> None:
+    # The writer folds a batch's updates per task and per step; the rows are those of applying
+    # the operations one by one: a re-sent COMMAND drops the results of the first sending.
+    db = tmp_path / "h.db"
+    async with opened(db, linger=60.0) as store:
+        await store.task_accepted(record("s1", "n1"))
+        await store.command_sent("s1", 0, [{"tool_name": "first"}], "t1")
+        await store.results_received("s1", 0, [{"status": "success", "result": 1}], "t2")
+        await store.command_sent("s1", 0, [{"tool_name": "again"}], "t3")
+        await store.flush()
+        assert rows(db, "SELECT sent_at, results, timed_out FROM steps") == [("t3", None, 0)]
+        await store.results_received("s1", 0, [{"status": "success", "result": 2}], "t4")
+        store.task_acked("s1", "t0")
+        await store.flush()
+        detail = await store.task_detail("s1")
+    assert detail is not None
+    assert (detail["commands"], detail["last_tool"], detail["acked_at"]) == (2, "again", "t0")
+    [step] = detail["steps"]
+    assert (step["sent_at"], step["received_at"], step["timed_out"]) == ("t3", "t4", False)
+    assert step["commands"][0]["tool_name"] == "again"
+    assert step["results"][0]["result"] == 2
+
+
+async def test_a_task_row_commits_without_waiting_for_held_updates_which_survive_a_stop(
+    tmp_path: Path,
+) -> None:
+    # TASK-8: a new task row is on disk when task_accepted returns, committed on its own while
+    # the earlier task's outcome is still being gathered; a stop commits what was held back.
+    db = tmp_path / "h.db"
+    async with opened(db, linger=60.0, flush_timeout=5.0) as store:
+        await store.task_accepted(record("s1", "n1"))
+        await store.task_ended("s1", "completed", None, {"ok": 1}, "t1", task_name="n1")
+        await store.task_accepted(record("s2", "n2"))
+        assert rows(db, "SELECT session_id FROM tasks WHERE session_id = 's2'") == [("s2",)]
+        # Readable at once all the same (the outcome is kept in memory until committed).
+        assert await store.task_result("n1") == {"status": "done", "result": {"ok": 1}}
+        await store.task_ended("s2", "failed", "boom", None, "t2", task_name="n2")
+    assert rows(db, "SELECT session_id, status FROM tasks ORDER BY id") == [
+        ("s1", "completed"),
+        ("s2", "failed"),
+    ]
+
+
 async def test_history_survives_a_restart_and_unknown_names_are_pending(tmp_path: Path) -> None:
     db = tmp_path / "h.db"
     async with opened(db) as store:
