@@ -8,9 +8,9 @@ closes that request's connection.
 Pieces, each small and typed:
 
 * `ChatModel` — the narrow model interface: `async complete(messages, tools) -> ModelReply`, one
-  attempt, raising `ModelError`. `OpenAIChatModel` implements it over httpx; it owns one shared
-  `httpx.AsyncClient` (connection pool) that `Server.run` opens before its nursery and closes after
-  it (docs/architecture.md).
+  attempt, raising `ModelError`. `OpenAIChatModel` implements it over httpx; it owns the shared
+  connection pool (`_model_http.ModelTransport`, or httpx's proxy transports when a proxy applies)
+  that `Server.run` opens before its nursery and closes after it (docs/architecture.md).
 * `Toolbox` — the device's `list_tools` descriptors as OpenAI functions (valid, unique names
   mapped back exactly), with `--tool-secret` parameters hidden from the model and filled per call.
 * `LlmAgent` — the loop (retries, step limit, per-call timeout, result shape); `AutoAgent` picks
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
     from ._agents import SessionContext
     from ._config import ServerConfig
+    from ._model_http import ModelTransport
 
 log = logging.getLogger("ufo_trio")
 
@@ -306,7 +307,9 @@ def parse_reply(body: bytes) -> ModelReply:
     )
 
 
-#: Connections per httpx pool. httpcore's pool does work quadratic in its connections on every
+#: Connections per httpx pool (only when a proxy applies to the endpoint, or for an injected
+#: transport: a direct endpoint uses one `_model_http.ModelTransport`, O(1) per request).
+#: httpcore's pool does work quadratic in its connections on every
 #: request start and end (httpcore 1.0: an `is_idle()` list per idle connection), which at 500
 #: connections took the whole CPU (bench `llm-concurrent`: 114 s instead of 3). So
 #: `--llm-max-connections` is split into pools of this size, and a call goes to the least busy one.
@@ -319,9 +322,12 @@ POOL_SIZE: Final = 8
 class OpenAIChatModel:
     """`ChatModel` over httpx: `POST {base_url}/chat/completions`.
 
-    Owns the `httpx.AsyncClient`s (connection pools of `POOL_SIZE`, shared by every session):
-    `async with model:` opens them and closes them on exit (shielded, bounded). `Server.run` is that owner. Pass
-    `transport` (e.g. an `httpx.MockTransport`) to talk to an in-process fake model.
+    Owns the connections to the model server, shared by every session: for a direct endpoint
+    one `_model_http.ModelTransport` (HTTP/1.1 on h11, at most `--llm-max-connections`); when
+    the environment routes the endpoint through a proxy, `httpx.AsyncClient`s (pools of
+    `POOL_SIZE`) and the proxy transports httpx mounts for it. `async with model:` opens them
+    and closes them on exit (shielded, bounded). `Server.run` is that owner. Pass `transport`
+    (e.g. an `httpx.MockTransport`) to talk to an in-process fake model.
     """
 
     def __init__(
@@ -335,6 +341,8 @@ class OpenAIChatModel:
         self._sends: list[httpx.AsyncBaseTransport] = []
         #: Calls in flight per pool: a call goes to the least busy one.
         self._busy: list[int] = []
+        #: Our own transport (`_model_http`) for a direct endpoint, else None.
+        self._own: ModelTransport | None = None
         self._url: httpx.URL | None = None
         self._headers = {
             "content-type": "application/json",
@@ -354,14 +362,18 @@ class OpenAIChatModel:
     async def __aenter__(self) -> OpenAIChatModel:
         import httpx  # deferred: a server without a model never loads it
 
+        from ._model_http import ModelTransport
+
         total = self.settings.max_connections
         sizes = [min(POOL_SIZE, total - start) for start in range(0, total, POOL_SIZE)]
         # Deadlines come from trio scopes in the agent (MockClock drives them), not from httpx.
         # The environment's HTTPS_PROXY / NO_PROXY / SSL_CERT_FILE apply, as for any httpx client.
         # Loading the CA bundle blocks (tens of ms): in a thread, not on the event loop.
         verify = await trio.to_thread.run_sync(httpx.create_ssl_context)
-        self._clients = [
-            httpx.AsyncClient(
+        self._url = url = httpx.URL(self.settings.endpoint)
+
+        def client(size: int) -> httpx.AsyncClient:
+            return httpx.AsyncClient(
                 transport=self._transport,
                 limits=httpx.Limits(
                     max_connections=size, max_keepalive_connections=size, keepalive_expiry=30.0
@@ -369,14 +381,23 @@ class OpenAIChatModel:
                 timeout=None,
                 verify=verify,
             )
-            for size in sizes
-        ]
-        # One model call goes straight to the pooled transport the client chose for the
-        # endpoint (proxy or direct, per HTTPS_PROXY / NO_PROXY): the client's per-request
-        # work (URL merging, cookies, auth and redirect handling) is CPU the agent pays on
-        # every step for features a model call never uses (docs/performance.md).
-        self._url = url = httpx.URL(self.settings.endpoint)
-        self._sends = [client._transport_for_url(url) for client in self._clients]
+
+        # One model call goes straight to the transport the client chose for the endpoint
+        # (proxy or direct, per HTTPS_PROXY / NO_PROXY): the client's per-request work (URL
+        # merging, cookies, auth and redirect handling) is CPU the agent pays on every step for
+        # features a model call never uses (docs/performance.md).
+        first = client(sizes[0])
+        if self._transport is None and first._transport_for_url(url) is first._transport:
+            # Direct endpoint: our own pooled HTTP/1.1 transport (h11 on trio streams) instead
+            # of httpx's default one (httpcore + anyio), a third of the CPU per call
+            # (docs/performance.md, "h11 transport"). The probe client never connected.
+            await first.aclose()
+            self._own = ModelTransport(ssl_context=verify, max_connections=total)
+            self._sends = [self._own]
+            self._busy = [0]
+            return self
+        self._clients = [first, *(client(size) for size in sizes[1:])]
+        self._sends = [c._transport_for_url(url) for c in self._clients]
         self._busy = [0] * len(self._clients)
         return self
 
@@ -387,8 +408,11 @@ class OpenAIChatModel:
         tb: TracebackType | None,
     ) -> None:
         clients, self._clients = self._clients, []
+        own, self._own = self._own, None
         self._sends = []
         with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+            if own is not None:
+                await own.aclose()
             for client in clients:
                 await client.aclose()
 
@@ -421,20 +445,29 @@ class OpenAIChatModel:
         request = httpx.Request("POST", url, content=content, headers=self._headers)
         try:
             response = await transport.handle_async_request(request)
+            data = bytearray()
+            too_large = False
             try:
-                data = bytearray()
                 async for chunk in response.aiter_bytes():
+                    if too_large:
+                        continue
                     data += chunk
                     if len(data) > MAX_RESPONSE_BYTES:
-                        raise ModelError(
-                            f"the model server's answer is larger than {MAX_RESPONSE_BYTES} bytes"
-                        )
-            except BaseException:
+                        # Stop reading: closing the response drops its connection and ends
+                        # the iteration, so httpx's body iterators finish (not left to GC).
+                        too_large = True
+                        await response.aclose()
+            except BaseException as exc:
                 # Cancelled or failed mid-answer: the pool drops that connection (shielded,
                 # bounded; closing a socket does not block).
                 with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                     await response.aclose()
-                raise
+                if not (too_large and isinstance(exc, Exception)):
+                    raise
+            if too_large:
+                raise ModelError(
+                    f"the model server's answer is larger than {MAX_RESPONSE_BYTES} bytes"
+                )
             await response.aclose()  # read to the end: the connection goes back to the pool
         except httpx.TransportError as exc:
             raise ModelError(
