@@ -91,6 +91,14 @@ def rows(path: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         return conn.execute(sql, params).fetchall()
 
 
+#: Every task row on disk: `tasks`, and the inbox where a task row waited for before its ACK
+#: is committed first (the writer moves it into `tasks` with its next batch).
+ALL_TASKS = (
+    "(SELECT session_id, status FROM tasks "
+    "UNION ALL SELECT session_id, 'running' AS status FROM inbox)"
+)
+
+
 # ------------------------------------------------------------------ round trip and contract
 
 
@@ -193,7 +201,9 @@ async def test_a_task_row_commits_without_waiting_for_held_updates_which_survive
         await store.task_accepted(record("s1", "n1"))
         await store.task_ended("s1", "completed", None, {"ok": 1}, "t1", task_name="n1")
         await store.task_accepted(record("s2", "n2"))
-        assert rows(db, "SELECT session_id FROM tasks WHERE session_id = 's2'") == [("s2",)]
+        assert rows(db, f"SELECT session_id FROM {ALL_TASKS} WHERE session_id = 's2'") == [
+            ("s2",)
+        ]
         # Readable at once all the same (the outcome is kept in memory until committed).
         assert await store.task_result("n1") == {"status": "done", "result": {"ok": 1}}
         await store.task_ended("s2", "failed", "boom", None, "t2", task_name="n2")
@@ -316,7 +326,9 @@ async def test_sigkill_mid_task_then_restart_marks_it_failed_and_second_owner_is
             async with opened(db):
                 pass
         # ...and did not mark the first one's task failed.
-        assert rows(db, "SELECT status FROM tasks WHERE session_id = 'killed'") == [("running",)]
+        assert rows(db, f"SELECT status FROM {ALL_TASKS} WHERE session_id = 'killed'") == [
+            ("running",)
+        ]
         child.send_signal(signal.SIGKILL)
         assert await child.wait() == -signal.SIGKILL
     finally:

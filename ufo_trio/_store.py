@@ -81,9 +81,11 @@ import attrs
 import trio
 
 from ._errors import UfoTrioError
-from ._store_sql import MAX_REQUEST_BYTES as MAX_REQUEST_BYTES
 from ._store_sql import (
+    INSERT_INBOX,
     MIGRATIONS,
+    MOVE_INBOX,
+    RECOVER_INBOX,
     cut_request,
     device_entry,
     dump_commands,
@@ -99,6 +101,7 @@ from ._store_sql import (
     to_json,
     wall_now,
 )
+from ._store_sql import MAX_REQUEST_BYTES as MAX_REQUEST_BYTES
 from ._store_sql import BadCursor as BadCursor
 from ._store_sql import BadQuery as BadQuery
 from ._store_sql import DeviceRecord as DeviceRecord
@@ -249,6 +252,10 @@ class TaskStore:
         self._reads_in_flight = 0
         # Writer-thread state (touched only by the writer thread after start).
         self._rowids: dict[str, int] = {}
+        #: The id of the last task row (the writer numbers them: an inbox row keeps its id).
+        self._last_id = 0
+        #: Rows committed to the inbox and not yet moved into `tasks`.
+        self._inbox_rows = 0
         self._retry: list[tuple[Any, ...]] = []
         self._dropped = 0
         self._last_error_log: float | None = None
@@ -439,6 +446,10 @@ class TaskStore:
                     "WHERE status = 'running'",
                     (CRASH_ERROR, now),
                 ).rowcount
+                # Accepted (committed before their ACK) but not yet moved into `tasks`.
+                self.recovered += conn.execute(RECOVER_INBOX, (CRASH_ERROR, now)).rowcount
+                conn.execute("DELETE FROM inbox")
+                self._last_id = conn.execute("SELECT coalesce(max(id), 0) FROM tasks").fetchone()[0]
                 conn.execute(
                     "UPDATE devices SET connected = 0, last_disconnect_reason = ? "
                     "WHERE connected = 1",
@@ -630,10 +641,14 @@ class TaskStore:
         try:
             stopping = False
             warm = False
-            # Operations nobody waits for, held back while task rows commit on their own so
-            # that the wait before an ACK is one INSERT's transaction; written together once
-            # `held_until` passes (the linger), or with anything else somebody waits for.
+            # Operations nobody waits for, held back while task rows commit on their own (to
+            # the inbox) so that the wait before an ACK is one small INSERT's transaction;
+            # written together once `held_until` passes (the linger), or with anything else
+            # somebody waits for. Every `_write` first moves the inbox into `tasks`.
+            # `held_sessions`: the sessions with a held operation (a task row of theirs must
+            # stay in order behind it).
             held: list[tuple[Any, ...]] = []
+            held_sessions: set[str | None] = set()
             held_until = 0.0
             while not stopping:
                 hold: float | None = None
@@ -646,40 +661,49 @@ class TaskStore:
                     if held:
                         hold = max(held_until - time.monotonic(), 0.0)
                 ops, stopping = self._drain(timeout, warm, hold)
-                had_held = bool(held)
-                batch = held + self._retry + ops
-                held = []
-                self._retry = []
                 warm = bool(ops)
-                if not batch:
-                    if self._prune_more:
+                had_held = bool(held)
+                if self._retry:  # after a disk error: everything again, in order
+                    ops = held + self._retry + ops
+                    held = []
+                    held_sessions.clear()
+                    self._retry = []
+                if not ops and not had_held:
+                    if stopping and self._inbox_rows:
+                        self._write([])  # a clean stop leaves no task in the inbox
+                    elif self._prune_more:
                         self._prune_step()
                     continue
-                urgent, rest = (
-                    _split_urgent(batch) if self._linger and not stopping else ([], batch)
-                )
+                if self._linger and not stopping:
+                    urgent, rest = _split_urgent(ops, held_sessions)
+                else:
+                    urgent, rest = [], ops
                 if not urgent and not had_held:
-                    self._write(batch)
+                    self._write(rest)
+                    held_sessions.clear()
                     continue
                 if urgent:
-                    self._write(urgent)
-                if not rest:
+                    self._write_urgent(urgent)
+                held += rest
+                if not held:
                     continue
                 now = time.monotonic()
                 if self._retry:  # the disk failed: keep the rest with the task rows, in order
-                    self._retry.extend(rest)
+                    self._retry.extend(held)
+                    held = []
+                    held_sessions.clear()
                 elif (
                     stopping
                     or self._prune_more  # a prune sees every outcome committed
                     or (had_held and now >= held_until)
-                    or len(rest) >= MAX_BATCH
+                    or len(held) >= MAX_BATCH
                     or any(isinstance(op[-1], trio.Event) for op in rest)
                 ):
-                    self._write(rest)
-                else:
-                    if not had_held:
-                        held_until = now + self._linger
-                    held = rest
+                    self._write(held)
+                    held = []
+                    held_sessions.clear()
+                elif not had_held:
+                    held_until = now + self._linger
             if self._retry:
                 log.error(
                     "task store: stopping with %d operation(s) that could not be written",
@@ -769,6 +793,9 @@ class TaskStore:
             with self._mem_lock if self._memory else contextlib.nullcontext():
                 conn.execute("BEGIN IMMEDIATE")
                 try:
+                    if self._inbox_rows:  # first, so that the batch's updates find the rows
+                        conn.execute(MOVE_INBOX)
+                        conn.execute("DELETE FROM inbox")
                     pending = _Pending()
                     for op in batch:
                         try:
@@ -786,6 +813,7 @@ class TaskStore:
         except sqlite3.DatabaseError as exc:
             self._failed(batch, exc)
             return
+        self._inbox_rows = 0
         self._rowids.update(new_rowids)
         for e in ended:
             self._rowids.pop(e.session_id, None)
@@ -798,11 +826,71 @@ class TaskStore:
             self._inserted_since_prune = 0
             self._prune_more = True
 
+    def _task_values(self, task_id: int, r: TaskRecord) -> tuple[Any, ...]:
+        """The values of a new task row, in `INBOX_COLUMNS` order."""
+        return (
+            task_id,
+            r.session_id,
+            r.task_name,
+            r.requester_id,
+            r.requester_type,
+            r.executor_id,
+            r.platform,
+            r.agent,
+            self._mask(cut_request(r.request)),
+            r.created_at,
+        )
+
+    def _write_urgent(self, accepted: list[tuple[Any, ...]]) -> None:
+        """Commit task rows somebody waits for (before their ACK) into the inbox: a table
+        without secondary indexes, so the transaction is one or two WAL pages. The next
+        `_write` moves them into `tasks` (crash recovery at start does it after a crash)."""
+        conn = self._writer
+        assert conn is not None
+        new_rowids: dict[str, int] = {}
+        last_id = self._last_id
+        try:
+            with self._mem_lock if self._memory else contextlib.nullcontext():
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for op in accepted:
+                        try:
+                            conn.execute(INSERT_INBOX, self._task_values(last_id + 1, op[1]))
+                        except Exception as exc:
+                            if _is_disk_error(exc):
+                                raise
+                            self._skipped(op, exc)
+                        else:
+                            last_id += 1
+                            new_rowids[op[1].session_id] = last_id
+                    conn.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    raise
+        except sqlite3.DatabaseError as exc:
+            self._failed(accepted, exc)
+            return
+        self._last_id = last_id
+        self._inbox_rows += len(new_rowids)
+        self._inserted_since_prune += len(new_rowids)
+        self._rowids.update(new_rowids)
+        if self._failing:
+            self._failing = False
+            self._last_error_log = None
+            log.warning("task store: writing to %s again; kept operations written", self.path)
+        self._call_trio(self._notify, [op[-1] for op in accepted], [], False)
+
     def _write_pending(self, conn: sqlite3.Connection, pending: _Pending) -> None:
         """The folded updates of a batch: one statement per step, one per task."""
-        for (task_id, index), (insert, sent_at, commands, results, received, timed_out) in (
-            pending.steps.items()
-        ):
+        for (task_id, index), (
+            insert,
+            sent_at,
+            commands,
+            results,
+            received,
+            timed_out,
+        ) in pending.steps.items():
             try:
                 if insert:
                     conn.execute(
@@ -902,25 +990,15 @@ class TaskStore:
             return found
 
         if kind == "accepted":
-            r: TaskRecord = op[1]
-            cursor = conn.execute(
-                "INSERT INTO tasks (session_id, task_name, requester_id, requester_type, "
-                "executor_id, platform, agent, request, status, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running', ?)",
-                (
-                    r.session_id,
-                    r.task_name,
-                    r.requester_id,
-                    r.requester_type,
-                    r.executor_id,
-                    r.platform,
-                    r.agent,
-                    self._mask(cut_request(r.request)),
-                    r.created_at,
-                ),
+            new_id = self._last_id + 1
+            conn.execute(
+                "INSERT INTO tasks (id, session_id, task_name, requester_id, requester_type, "
+                "executor_id, platform, agent, request, created_at, status) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running')",
+                self._task_values(new_id, op[1]),
             )
-            assert cursor.lastrowid is not None
-            new_rowids[r.session_id] = cursor.lastrowid
+            self._last_id = new_id
+            new_rowids[op[1].session_id] = new_id
             self._inserted_since_prune += 1
         elif kind == "acked":
             task_id = rowid(op[1])
@@ -1233,13 +1311,14 @@ def _op_session(op: tuple[Any, ...]) -> str | None:
 
 
 def _split_urgent(
-    batch: list[tuple[Any, ...]],
+    batch: list[tuple[Any, ...]], sessions: set[str | None]
 ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     """The task rows somebody waits for (before their ACK) that can commit ahead of the rest
-    of `batch`: those whose session has no earlier operation in it. Order is kept otherwise."""
+    of `batch`: those whose session has no earlier operation in it or in `sessions` (the
+    operations held from before), to which the sessions of the rest are added. Order is kept
+    otherwise."""
     urgent: list[tuple[Any, ...]] = []
     rest: list[tuple[Any, ...]] = []
-    sessions: set[str | None] = set()
     for op in batch:
         if op[0] == "accepted" and isinstance(op[-1], trio.Event):
             if op[1].session_id not in sessions:
