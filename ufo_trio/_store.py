@@ -63,6 +63,7 @@ and the readers under a lock.
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import datetime
 import hashlib
@@ -246,6 +247,13 @@ class TaskStore:
         self._writer_done = False
         self._abandoned = False
         self._stop_requested = trio.Event()
+        #: Wakes the owner task (`run`): a stop, or a first durable waiter to time.
+        self._wake_owner = trio.Event()
+        #: Durable waits in order: (Trio deadline, event set when committed, what for the log).
+        self._waiters: collections.deque[tuple[float, trio.Event, str]] = collections.deque()
+        self._watching = False
+        #: `run` sleeps until the deadline of a durable wait (a released one, perhaps).
+        self._timing = False
         self._pending_ends: dict[str, _Ended] = {}
         self._pending_names: dict[str, _Ended] = {}
         self._committed: list[_Ended] = []
@@ -313,13 +321,25 @@ class TaskStore:
         self._queue.put(("prune",))
         try:
             task_status.started(self)
-            while True:
-                with trio.move_on_after(self._prune_interval):
-                    await self._stop_requested.wait()
-                if self._stop_requested.is_set():
-                    break
-                self._queue.put(("prune",))
+            self._watching = True
+            next_prune = trio.current_time() + self._prune_interval
+            while not self._stop_requested.is_set():
+                now = trio.current_time()
+                if now >= next_prune:
+                    self._queue.put(("prune",))
+                    next_prune = now + self._prune_interval
+                wake_at = next_prune
+                # The `commit_wait` bound of the durable waits (one timer here, not a cancel
+                # scope per wait): the oldest waiter not yet released, if any.
+                # (It times the oldest; later waits have later deadlines.)
+                self._timing = self._expire_waiters(now)
+                if self._timing:
+                    wake_at = min(wake_at, self._waiters[0][0])
+                self._wake_owner = trio.Event()
+                with trio.move_on_at(wake_at):
+                    await self._wake_owner.wait()
         finally:
+            self._watching = False
             self._closing = True
             self._queue.put(("stop",))
             self._hurry.set()  # the writer may be lingering for a batch: stop now
@@ -329,6 +349,9 @@ class TaskStore:
                 # deadline: the writer is a real thread, and an autojumping MockClock would
                 # otherwise jump to the deadline before the writer could commit.
                 await trio.to_thread.run_sync(self._writer_exited.wait, max(within, 0.0))
+            for _, event, _ in self._waiters:  # nobody waits past the end of the store
+                event.set()
+            self._waiters.clear()
             with self._handoff:
                 if self._writer_done:
                     self._close_connections()
@@ -347,6 +370,25 @@ class TaskStore:
         if within is not None:
             self._flush_within = within
         self._stop_requested.set()
+        self._wake_owner.set()
+
+    def _expire_waiters(self, now: float) -> bool:
+        """Forget released durable waiters and release those past `commit_wait` (logged);
+        True if some are left (the oldest first)."""
+        waiters = self._waiters
+        while waiters:
+            deadline, event, subject = waiters[0]
+            if not event.is_set():
+                if deadline > now:
+                    return True
+                event.set()
+                log.warning(
+                    "task store: %s not committed within %gs; continuing",
+                    subject,
+                    self._commit_wait,
+                )
+            waiters.popleft()
+        return False
 
     async def aclose(self) -> None:
         """`close()` and wait until the writer has stopped (bounded by `flush_timeout`)."""
@@ -503,7 +545,12 @@ class TaskStore:
         """Record a new task; returns once it is committed (or kept in memory after a disk
         error, or after `commit_wait` seconds), so the row exists before the ACK goes out."""
         # In memory nothing is durable: no wait, so the ACK is not held up for nothing.
-        await self._put(("accepted", record), essential=True, durable=not self._memory)
+        await self._put(
+            ("accepted", record),
+            essential=True,
+            durable=not self._memory,
+            subject=f"accepted for {record.session_id[:80]}",
+        )
 
     def task_acked(self, session_id: str, at: str) -> None:
         """The ACK went out (never waits; a task row op, so never dropped)."""
@@ -552,7 +599,7 @@ class TaskStore:
 
     async def flush(self) -> None:
         """Wait until everything queued so far is committed (or kept after a disk error)."""
-        await self._put(("flush",), essential=True, durable=True)
+        await self._put(("flush",), essential=True, durable=True, subject="flush")
 
     async def prune(self) -> None:
         """Apply retention now and wait until it is done (bounded by `commit_wait`)."""
@@ -563,7 +610,13 @@ class TaskStore:
             await done.wait()
 
     async def _put(
-        self, op: tuple[Any, ...], *, essential: bool, durable: bool = False, patient: bool = True
+        self,
+        op: tuple[Any, ...],
+        *,
+        essential: bool,
+        durable: bool = False,
+        patient: bool = True,
+        subject: str = "",
     ) -> None:
         if self._closing:
             if essential:
@@ -598,13 +651,22 @@ class TaskStore:
         done = trio.Event()
         self._queue.put((*op, done))
         self._hurry.set()
+        if self._watching:
+            # `run` releases the wait after `commit_wait` (cheaper than a cancel scope here).
+            waiters = self._waiters
+            while waiters and waiters[0][1].is_set():  # forget the released ones
+                waiters.popleft()
+            waiters.append((trio.current_time() + self._commit_wait, done, subject))
+            if not self._timing:
+                self._wake_owner.set()  # to time this wait
+            await done.wait()
+            return
         with trio.move_on_after(self._commit_wait) as scope:
             await done.wait()
         if scope.cancelled_caught:
             log.warning(
-                "task store: %s for %s not committed within %gs; continuing",
-                op[0],
-                _op_subject(op),
+                "task store: %s not committed within %gs; continuing",
+                subject,
                 self._commit_wait,
             )
 
