@@ -153,6 +153,28 @@ class _Ended:
     ended_at: str
 
 
+class _Wake:
+    """A wake-up for the writer thread: `set` from any thread, `wait` (which also clears it)
+    from the writer only. A lock used as a binary semaphore: both sides are single C calls
+    (a `threading.Event` is a Python-level `Condition`, whose lock the woken writer first has
+    to take back from the thread that woke it)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()  # held = not set
+
+    def set(self) -> None:
+        if self._lock.locked():
+            with contextlib.suppress(RuntimeError):  # set by another thread meanwhile
+                self._lock.release()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for `set`; clear it. True if it was set."""
+        return self._lock.acquire(timeout=timeout)
+
+
 class _Pending:
     """A batch's folded updates (writer thread): per task id `[acked_at or None, COMMANDs
     sent, last_tool set?, last_tool, (status, error, result, ended_at) or None]`; per
@@ -218,7 +240,7 @@ class TaskStore:
         #: Seconds the writer waits after a first operation that nobody waits for, to batch
         #: more; `_hurry` (set by a durable put) ends the wait at once.
         self._linger = linger
-        self._hurry = threading.Event()
+        self._hurry = _Wake()
         # Secret values (llm key, tool secrets) and their JSON-escaped forms, masked in every
         # text the writer stores (a device may echo a secret filled into its parameters).
         self._secrets = sorted(
@@ -794,7 +816,6 @@ class TaskStore:
             # the hold, whichever comes first, then take what is queued.
             if self._queue.empty():
                 self._hurry.wait(hold)
-                self._hurry.clear()
             lingered = True
             timeout = 0.0
         elif warm and timeout is None and self._linger and self._queue.empty():
@@ -803,7 +824,6 @@ class TaskStore:
             # thread one by one while the event loop is busy: one wake-up per batch, by the
             # linger timer or by a durable put (the next task row before its ACK).
             self._hurry.wait(self._linger)
-            self._hurry.clear()
             lingered = True
         try:
             if timeout == 0.0:
@@ -823,7 +843,6 @@ class TaskStore:
             # so the writer wakes (and takes the GIL) once per batch rather than once per op;
             # an operation somebody waits for (a task row before its ACK) cuts it short.
             self._hurry.wait(self._linger)
-            self._hurry.clear()
         stopping = False
         item: tuple[Any, ...] | None = first
         while item is not None:
