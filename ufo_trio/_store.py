@@ -73,6 +73,7 @@ import logging
 import os
 import queue
 import secrets
+import socket
 import sqlite3
 import threading
 import time
@@ -252,6 +253,14 @@ class TaskStore:
         self._read_limiter = trio.CapacityLimiter(read_threads)
         self._read_pool: list[sqlite3.Connection] = []
         self._pool_lock = threading.Lock()
+        # Writer → Trio notifications (`_tell_trio`, `_dispatch`).
+        self._tell_lock = threading.Lock()
+        self._telling = False
+        self._told: collections.deque[tuple[list[trio.Event], list[_Ended], bool]] = (
+            collections.deque()
+        )
+        self._tell_receive: socket.socket  # a socket pair made by `run`
+        self._tell_send: socket.socket
         # `:memory:` only: the writer and the readers share one connection.
         self._mem_lock = threading.Lock()
         self._writer: sqlite3.Connection | None = None
@@ -341,6 +350,25 @@ class TaskStore:
         )
         thread.start()
         self._queue.put(("prune",))
+        self._tell_receive, self._tell_send = socket.socketpair()
+        try:
+            self._tell_receive.setblocking(False)
+            self._tell_send.setblocking(False)
+            async with trio.open_nursery() as nursery:
+                self._telling = True
+                nursery.start_soon(self._dispatch)
+                try:
+                    await self._own(task_status)
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            with self._tell_lock:
+                self._telling = False
+            self._tell_receive.close()
+            self._tell_send.close()
+
+    async def _own(self, task_status: trio.TaskStatus[TaskStore]) -> None:
+        """The owner's life after the open (see `run`): timers, then the flush at the end."""
         try:
             task_status.started(self)
             self._watching = True
@@ -719,6 +747,36 @@ class TaskStore:
         with contextlib.suppress(trio.RunFinishedError):
             self._token.run_sync_soon(fn, *args)
 
+    def _tell_trio(self, events: list[trio.Event], committed: list[_Ended], room: bool) -> None:
+        """`_notify` on the Trio thread (writer thread): through `_dispatch` while it runs
+        (a byte on a socket pair it waits on: one wake-up of the event loop, no callback
+        queue), else through `run_sync_soon`."""
+        with self._tell_lock:
+            if self._telling:
+                self._told.append((events, committed, room))
+                with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending anyway
+                    self._tell_send.send(b"\0")
+                return
+        self._call_trio(self._notify, events, committed, room)
+
+    async def _dispatch(self) -> None:
+        """Runs `_notify` for what the writer tells (see `_tell_trio`) until cancelled; then
+        the writer goes back to `run_sync_soon` and what is left is delivered here."""
+        told = self._told
+        receive = self._tell_receive
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(receive)
+                with contextlib.suppress(BlockingIOError):
+                    receive.recv(4096)
+                while told:
+                    self._notify(*told.popleft())
+        finally:
+            with self._tell_lock:
+                self._telling = False
+            while told:
+                self._notify(*told.popleft())
+
     # ------------------------------------------------------------------------- the writer thread
 
     def _writer_main(self) -> None:
@@ -862,7 +920,7 @@ class TaskStore:
             except queue.Empty:
                 item = None
         if was_full:
-            self._call_trio(self._notify, [], [], True)
+            self._tell_trio([], [], True)
         return ops, stopping
 
     def _write(self, batch: list[tuple[Any, ...]]) -> None:
@@ -902,7 +960,7 @@ class TaskStore:
             self._failing = False
             self._last_error_log = None
             log.warning("task store: writing to %s again; kept operations written", self.path)
-        self._call_trio(self._notify, _events(batch), ended, False)
+        self._tell_trio(_events(batch), ended, False)
         if self._inserted_since_prune >= 1000:
             self._inserted_since_prune = 0
             self._prune_more = True
@@ -960,7 +1018,7 @@ class TaskStore:
             self._failing = False
             self._last_error_log = None
             log.warning("task store: writing to %s again; kept operations written", self.path)
-        self._call_trio(self._notify, [op[-1] for op in accepted], [], False)
+        self._tell_trio([op[-1] for op in accepted], [], False)
 
     def _write_pending(self, conn: sqlite3.Connection, pending: _Pending) -> None:
         """The folded updates of a batch: one statement per step, one per task."""
@@ -1045,7 +1103,7 @@ class TaskStore:
         # The server keeps serving: whoever waits for these writes is released now.
         events = _events(batch)
         if events:
-            self._call_trio(self._notify, events, [], False)
+            self._tell_trio(events, [], False)
 
     def _apply(
         self,
@@ -1209,7 +1267,7 @@ class TaskStore:
                 log.info("task store: pruned %d old task(s)", len(ids))
         if not self._prune_more and self._prune_waiters:
             waiters, self._prune_waiters = self._prune_waiters, []
-            self._call_trio(self._notify, waiters, [], False)
+            self._tell_trio(waiters, [], False)
 
     # ------------------------------------------------------------------------- reading
 
