@@ -168,8 +168,10 @@ class _Wake:
 
     def set(self) -> None:
         if self._lock.locked():
-            with contextlib.suppress(RuntimeError):  # set by another thread meanwhile
+            try:
                 self._lock.release()
+            except RuntimeError:  # set by another thread meanwhile
+                pass
 
     def wait(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for `set`; clear it. True if it was set."""
@@ -728,9 +730,10 @@ class TaskStore:
             event.set()
         # A read that is in flight may hold a snapshot from before this commit: the overlay
         # has to outlive it, so forgetting waits until no read is in flight.
-        self._committed.extend(committed)
-        if not self._reads_in_flight:
-            self._forget_committed()
+        if committed:
+            self._committed.extend(committed)
+            if not self._reads_in_flight:
+                self._forget_committed()
         if room:
             self._room.set()
 
@@ -754,8 +757,10 @@ class TaskStore:
         with self._tell_lock:
             if self._telling:
                 self._told.append((events, committed, room))
-                with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending anyway
+                try:
                     self._tell_send.send(b"\0")
+                except BlockingIOError:  # full: a wake-up is pending anyway
+                    pass
                 return
         self._call_trio(self._notify, events, committed, room)
 
@@ -767,8 +772,10 @@ class TaskStore:
         try:
             while True:
                 await trio.lowlevel.wait_readable(receive)
-                with contextlib.suppress(BlockingIOError):
+                try:
                     receive.recv(4096)
+                except BlockingIOError:
+                    pass
                 while told:
                     self._notify(*told.popleft())
         finally:
