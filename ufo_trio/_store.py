@@ -922,10 +922,8 @@ class TaskStore:
                 ops.append(item)
             if len(ops) >= MAX_BATCH:
                 break
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                item = None
+            # (This thread is the only consumer: not empty means `get_nowait` succeeds.)
+            item = None if self._queue.empty() else self._queue.get_nowait()
         if was_full:
             self._tell_trio([], [], True)
         return ops, stopping
