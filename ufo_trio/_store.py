@@ -33,9 +33,12 @@ Policies:
 * **Ownership.** `<db>.lock` is held with `fcntl.flock` for the store's lifetime, taken before
   anything is read or written; the OS drops it when the process dies, even on SIGKILL. A second
   store on the same file fails with `StoreError` naming the file and never touches its rows.
-* **Crash recovery** at open: every `running` task becomes `failed` with error
-  `server stopped before the task ended`, `ended_at` = this start; devices marked connected get
-  the disconnect reason `server stopped`.
+* **The inbox.** A task row somebody waits for (before its ACK) commits on its own into
+  `inbox`, a table without secondary indexes; the writer's next batch moves it into `tasks`
+  first (same id). Reads merge both tables in one read transaction.
+* **Crash recovery** at open: every `running` task, and every row left in the inbox, becomes
+  `failed` with error `server stopped before the task ended`, `ended_at` = this start; devices
+  marked connected get the disconnect reason `server stopped`.
 * **Queue full** (`queue_size` operations): a writer waits up to `full_wait` seconds for room.
   After that a task row (accepted / acked / ended) is queued anyway — an outcome is never
   dropped; a transcript step, model turn or device sighting is dropped, counted and logged
@@ -725,7 +728,8 @@ class TaskStore:
     # ------------------------------------------------------------------------- callbacks from the writer
 
     def _notify(self, events: list[trio.Event], committed: list[_Ended], room: bool) -> None:
-        """Runs on the Trio thread (`run_sync_soon`): wake waiters, forget committed outcomes."""
+        """Runs on the Trio thread (`_dispatch` or `run_sync_soon`): wake waiters, forget
+        committed outcomes."""
         for event in events:
             event.set()
         # A read that is in flight may hold a snapshot from before this commit: the overlay
