@@ -937,13 +937,22 @@ def llm_wall_report(
 
 
 def split_probe(
-    samples: list[tuple[float, float]], idle_t0: float, burst_t0: float, burst_t1: float
+    samples: list[tuple[float, float]],
+    idle_t0: float,
+    burst_t0: float,
+    burst_t1: float,
+    listed_t: float | None = None,
 ) -> dict[str, Any]:
-    """The probe's samples by when they were sent: idle before the burst, during it."""
+    """The probe's samples by when they were sent: idle before the burst, during it, and
+    (`hb_rounds`) during it after its start (from `listed_t`, when the generator had answered
+    every list_tools: only model rounds left), to tell the two bursts apart."""
     idle = [rtt for sent, rtt in samples if idle_t0 <= sent < burst_t0]
     during = [rtt for sent, rtt in samples if burst_t0 <= sent <= burst_t1]
     out: dict[str, Any] = {"hb_idle": latency_summary(idle), "hb_during": latency_summary(during)}
     out["hb_p99_ratio"] = out["hb_during"]["p99_ms"] / out["hb_idle"]["p99_ms"]
+    if listed_t is not None:
+        rounds = [rtt for sent, rtt in samples if listed_t <= sent <= burst_t1]
+        out["hb_rounds"] = latency_summary(rounds)
     return out
 
 
@@ -976,15 +985,22 @@ async def scenario_llmconcurrent(target: Target, args: argparse.Namespace) -> di
         phase["samples"].append(rtt)
 
     ends: list[float] = []
+    #: When each device answered its first COMMAND (list_tools): the last of them ends the
+    #: start of the burst (500 TASK frames, session starts, tool lists), before any model call.
+    listed: list[float] = []
 
     async def work(index: int, conn: Conn) -> None:
         client_id = f"bench-llm-{index}"
         await conn.send(device_task(client_id, f"steps={steps}"))
+        first = True
         while True:
             frame = await conn.recv()
             kind = sniff_type(frame)
             if kind == "command":
                 await conn.send(answer_command(client_id, frame, "ok"))
+                if first:
+                    listed.append(time.perf_counter())
+                    first = False
             elif kind == "task_end":
                 if b'"status":"completed"' not in frame[:200]:
                     raise ScenarioError(f"task failed: {_loads(frame).get('error')!r}")
@@ -1017,7 +1033,8 @@ async def scenario_llmconcurrent(target: Target, args: argparse.Namespace) -> di
         out["hb_during"] = latency_summary(during)
         out["hb_p99_ratio"] = out["hb_during"]["p99_ms"] / out["hb_idle"]["p99_ms"]
     else:
-        out.update(idle_t0=idle_t0, burst_t0=burst_t0, burst_t1=burst_t1)
+        listed_t = max(listed, default=burst_t0)
+        out.update(idle_t0=idle_t0, burst_t0=burst_t0, listed_t=listed_t, burst_t1=burst_t1)
     return out
 
 

@@ -484,6 +484,7 @@ def merge_probe(result: dict[str, Any], probe: dict[str, Any]) -> None:
             result["idle_t0"],
             result["burst_t0"],
             result["burst_t1"],
+            result.get("listed_t"),
         )
     )
     result["probe_util"] = probe["probe_util"]
@@ -543,8 +544,13 @@ def run_one(kind: str, scenario: Scenario, opts: Options, label: str) -> dict[st
             probe = start_probe(server, scenario, opts)
         result = run_loadgen(server, scenario, opts)
         if probe is not None:  # closing its stdin (communicate) stops it
-            merge_probe(result, finish_loadgen(probe, 60))
+            probed = finish_loadgen(probe, 60)
             probe = None
+            merge_probe(result, probed)
+            # Every sample, for a look at when the slow ones happened (the table has p99s).
+            (opts.logdir / f"{label}-probe.json").write_text(
+                json.dumps({"probe": probed, **{k: v for k, v in result.items() if "_t" in k}})
+            )
         if model is not None:  # the fake model shares the generator's CPU: is it the pace?
             result["model_cpu_s"] = _proc.cpu_seconds(model.pid) - model_cpu0
             wall = result.get("wall_s")
@@ -788,6 +794,12 @@ FIGURES: list[Figure] = [
         kind="llmconcurrent",
         label="heartbeat RTT p99 ms, during",
         get=_path("hb_during", "p99_ms"),
+        fmt="{:.2f}",
+    ),
+    Figure(
+        kind="llmconcurrent",
+        label="heartbeat RTT p99 ms, during the model rounds (after every list_tools)",
+        get=_path("hb_rounds", "p99_ms"),
         fmt="{:.2f}",
     ),
     Figure(
