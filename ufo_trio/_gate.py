@@ -26,9 +26,9 @@ from typing import Final
 import trio
 
 #: Slots of the gate. Measured (bench llm-concurrent, docs/performance.md): heartbeat p99 during
-#: the model rounds 17 ms with 1 or 2 slots, 25 with 4, 31 with 8, 59 with 16, 86 without the
-#: gate; wall time the same for 1-16. Two, not one, so a session whose segment waits for the
-#: task-history queue does not stop every other one. A lone session never waits.
+#: the model rounds 13-19 ms with 1 or 2 slots, 20-29 with 4, 30-33 with 8, 56-61 with 16, 86
+#: without the gate; the same wall time for 1-16. Two, not one, so a session whose segment waits
+#: for the task-history queue does not stop every other one. A lone session never waits.
 SESSION_CPU_SLOTS: Final = 2
 
 
