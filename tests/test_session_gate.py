@@ -14,7 +14,7 @@ import trio
 import trio.testing
 from llm_helpers import galaxy, linux_device, llm_server, register, scene, task_end
 
-from ufo_trio import ScriptAgent
+from ufo_trio import Command, ScriptAgent, ToolType
 from ufo_trio._gate import SESSION_CPU_SLOTS, CpuGate
 from ufo_trio.testing import FakeChatModel, FakeReply, FakeRequest, open_memory_server
 
@@ -44,6 +44,21 @@ class GateAgent:
         if ctx.request == "hold":
             await ctx.hold_cpu()
             await trio.sleep_forever()
+        if ctx.request == "two-hold":  # two tasks of one session ask for the slot at once
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ctx.hold_cpu)
+                nursery.start_soon(ctx.hold_cpu)
+            held = ctx.cpu_held  # type: ignore[attr-defined]
+            ctx.release_cpu()
+            return {"held": held}
+        if ctx.request == "parallel":  # two COMMANDs in flight while holding the slot
+            await ctx.hold_cpu()
+            async with trio.open_nursery() as nursery:
+                for name in ("first", "second"):
+                    nursery.start_soon(ctx.execute, [Command(tool_name=name, tool_type=ToolType.ACTION)])
+            held = ctx.cpu_held  # type: ignore[attr-defined]  # Session's own flag
+            ctx.release_cpu()
+            return {"held after both": held}
         return await ScriptAgent().run(ctx)
 
 
@@ -154,6 +169,74 @@ async def test_dropped_devices_give_back_their_slot_and_each_requester_hears_one
         for requester in (req_a, req_b, req_c):
             await no_more_frames(requester, 10)
         del dev_c
+
+
+async def test_two_commands_in_flight_share_the_session_slot(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An agent holding the slot with two `execute`s in flight: both give it back while the
+    device works and the session gets one slot (not two) back for the results."""
+    async with open_memory_server(agent=AGENT) as mem, trio.open_nursery() as nursery:
+        gate = mem.server.sessions.gate
+        dev = await register(mem, "dev-1", metadata={"platform": "linux"})
+        results: list[dict[str, Any]] = []
+
+        async def answer() -> None:
+            while len(results) < 2:  # both COMMANDs out, then a second of device work
+                frame = await dev.recv()
+                if frame["type"] == "command":
+                    results.append(frame)
+            await trio.sleep(1)
+            assert (gate.held, gate.waiting) == (0, 0)
+            for frame in results:
+                await dev.send(
+                    {
+                        "type": "command_results",
+                        "status": "continue",
+                        "client_type": "device",
+                        "client_id": "dev-1",
+                        "session_id": frame["session_id"],
+                        "action_results": [
+                            {"status": "success", "call_id": a["call_id"], "result": "ok"}
+                            for a in frame["actions"]
+                        ],
+                        "prev_response_id": frame["response_id"],
+                    }
+                )
+            await trio.sleep_forever()
+
+        nursery.start_soon(answer)
+        requester = await galaxy(mem)
+        await send_task(requester, "dev-1", "p", "parallel")
+        with trio.fail_after(60):
+            end = await task_end(requester)
+        assert (end["status"], end["result"]) == ("completed", {"held after both": True})
+        assert len(results) == 2
+        assert (gate.held, gate.waiting) == (0, 0)
+        nursery.cancel_scope.cancel()
+
+
+async def test_two_tasks_of_one_session_queue_once_for_the_slot(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_memory_server(agent=AGENT) as mem:
+        gate = mem.server.sessions.gate = CpuGate(1)
+        dev_a = await register(mem, "dev-a", metadata={"platform": "linux"})
+        dev_b = await register(mem, "dev-b", metadata={"platform": "linux"})
+        req_a = await galaxy(mem, "dev-a")
+        req_b = await galaxy(mem, "dev-b")
+        await send_task(req_a, "dev-a", "a", "hold")
+        await send_task(req_b, "dev-b", "b", "two-hold")
+        await trio.sleep(5)
+        assert (gate.held, gate.waiting) == (1, 1)  # b queued once
+        freed = trio.current_time()
+        await trio.aclose_forcefully(dev_a.ws._stream)
+        with trio.fail_after(60):
+            end = await task_end(req_b)
+        assert (end["status"], end["result"]) == ("completed", {"held": True})
+        assert trio.current_time() == freed
+        assert (gate.held, gate.waiting) == (0, 0)
+        del dev_b, req_a
 
 
 def call_then_answer(request: FakeRequest) -> FakeReply:

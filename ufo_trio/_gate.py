@@ -5,15 +5,16 @@ batch. When hundreds of llm sessions are woken together (their model answers lan
 milliseconds of each other), one batch holds all their post-answer work (parse the reply, record
 the turn, build and send the COMMAND), and a heartbeat that arrives meanwhile waits for all of
 it, a few times over (socket → trio-websocket reader → handler). With the gate, a session takes
-a slot before such a segment and gives it back when the segment's output is on its way; the
+a slot before such a segment and gives it back as the segment's output goes out; the
 others wait in FIFO order, so a batch holds at most about N segments, and control traffic
 (heartbeats, registrations, device frames), which never takes the gate, waits behind at most
 those.
 
 Rules for holders (`Session.hold_cpu` / `release_cpu` keep them):
 
-* hold it only for CPU work: never across an await on the network (the model, the device) other
-  than a socket send, and never across a sleep (retry back-off);
+* hold it only for CPU work: never across an await on the network (the model, the device; the
+  COMMAND write is done just after giving it back, in the same task step) nor a sleep (retry
+  back-off);
 * give it back on every way out (cancellation included): the session's `finally` releases it.
 
 The gate has no task of its own: the `SessionManager` creates it and lends it to its sessions.

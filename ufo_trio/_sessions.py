@@ -148,6 +148,8 @@ class Session:
     steps: int = 0
     #: True while this session holds a slot of the manager's CPU gate (`hold_cpu`).
     cpu_held: bool = False
+    #: Set while one of the session's tasks waits for a slot (others wait for that one).
+    _cpu_turn: trio.Event | None = None
     log: logging.LoggerAdapter[logging.Logger] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -167,9 +169,20 @@ class Session:
         """Wait (FIFO) for a slot of the server's session CPU gate, unless this session holds
         one; see `_gate`. `execute` lends it back while the device works, `release_cpu` ends it,
         and the session's end releases it whatever happens."""
-        if not self.cpu_held:
-            await self.manager.gate.acquire(self)
-            self.cpu_held = True
+        # One slot per session: an agent with two `execute`s in flight shares it, so the
+        # second task to ask waits for the first one's turn instead of queueing twice.
+        while not self.cpu_held:
+            turn = self._cpu_turn
+            if turn is not None:
+                await turn.wait()
+                continue
+            self._cpu_turn = turn = trio.Event()
+            try:
+                await self.manager.gate.acquire(self)
+                self.cpu_held = True
+            finally:
+                self._cpu_turn = None
+                turn.set()
 
     def release_cpu(self) -> None:
         """Give the CPU gate's slot back (no-op if not held): before any wait on the network."""
