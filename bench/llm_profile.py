@@ -55,6 +55,12 @@ class _Context:
     async def record_model_turn(self, turn: Any) -> None:
         """The task history is not part of this profile."""
 
+    async def hold_cpu(self) -> None:
+        """One session alone: the CPU gate would never make it wait."""
+
+    def release_cpu(self) -> None:
+        pass
+
 
 async def _run(base_url: str, steps: int, tasks: int, profile: cProfile.Profile | None) -> float:
     settings = LlmSettings(base_url=base_url, model="bench", max_steps=steps + 1)

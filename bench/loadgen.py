@@ -859,10 +859,115 @@ async def scenario_llmsteps(target: Target, args: argparse.Namespace) -> dict[st
     }
 
 
+async def beat_loop(
+    conn: Conn, frame: bytes, phase: float, interval: float, record: Callable[[float, float], None]
+) -> None:
+    """Heartbeat every `interval` s at fixed times (`phase` into each period, no drift), calling
+    `record(sent, rtt)` (perf_counter seconds) per answer. A slot missed because the answer came
+    late is skipped, not made up. Spread phases keep N devices from beating all at once: in step,
+    the probe's own load is N heartbeats in the same millisecond every period, and the idle p99
+    measured the server's queue behind that burst, not the server at rest."""
+    perf = time.perf_counter
+    send, recv = conn.send, conn.recv
+    due = trio.current_time() + phase
+    while True:
+        await trio.sleep_until(due)
+        t0 = perf()
+        await send(frame)
+        while not (await recv()).startswith(HEARTBEAT_OK_PREFIX):
+            pass
+        t1 = perf()
+        record(t0, t1 - t0)
+        due += interval
+        now = trio.current_time()
+        if due < now:  # late: the next slot of the grid, not a catch-up burst
+            due += math.ceil((now - due) / interval) * interval
+
+
+def beat_phase(index: int, n: int, interval: float, spread: bool) -> float:
+    return index * interval / n if spread else 0.0
+
+
+async def scenario_hbprobe(target: Target, args: argparse.Namespace) -> dict[str, Any]:
+    """The heartbeat probe of `llmconcurrent`, in a process of its own (`bench.run` starts it
+    beside the generator, pinned like it): `conns` devices heartbeat every `interval` s until
+    stdin closes. Prints one line `{"ready": true}` once every device is registered, then the
+    usual JSON line with every sample as [sent, rtt] in `time.perf_counter` seconds, which is
+    CLOCK_MONOTONIC and so comparable with the generator's timestamps (same machine)."""
+    joined, failures = await join_many(
+        target, [register_device(f"bench-probe-{i}") for i in range(args.conns)], args.concurrency
+    )
+    if failures:
+        raise ScenarioError(f"{len(failures)} probe registrations failed: {failures[0]}")
+    samples: list[tuple[float, float]] = []
+
+    def record(sent: float, rtt: float) -> None:
+        samples.append((sent, rtt))
+
+    cpu0 = _proc.self_cpu_seconds()
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for index, conn in joined.items():
+            phase = beat_phase(index, len(joined), args.interval, args.spread)
+            frame = heartbeat(f"bench-probe-{index}")
+            nursery.start_soon(beat_loop, conn, frame, phase, args.interval, record)
+        sys.stdout.write('{"ready": true}\n')
+        sys.stdout.flush()
+        # Until bench.run closes our stdin (the generator is done).
+        await trio.to_thread.run_sync(sys.stdin.buffer.read, abandon_on_cancel=True)
+        nursery.cancel_scope.cancel()
+    wall = time.perf_counter() - t0
+    cpu = _proc.self_cpu_seconds() - cpu0
+    await close_many(list(joined.values()))
+    return {"conns": len(joined), "samples": samples, "probe_util": cpu / wall if wall else 0.0}
+
+
+def llm_wall_report(
+    out: dict[str, Any], wall: float, steps: int, delay: float | None
+) -> dict[str, Any]:
+    """Wall time against its floor: a task of `steps` tool turns makes steps + 1 model calls
+    (the last one answers), each held `delay` s by the fake model, one after another."""
+    calls = steps + 1
+    out["model_calls"] = calls
+    if delay is not None:
+        out["model_delay_s"] = delay
+        out["floor_s"] = calls * delay
+        out["overhead_s"] = wall - calls * delay
+    return out
+
+
+def split_probe(
+    samples: list[tuple[float, float]],
+    idle_t0: float,
+    burst_t0: float,
+    burst_t1: float,
+    listed_t: float | None = None,
+) -> dict[str, Any]:
+    """The probe's samples by when they were sent: idle before the burst, during it, and
+    (`hb_rounds`) during it after its start (from `listed_t`, when the generator had answered
+    every list_tools: only model rounds left), to tell the two bursts apart."""
+    idle = [rtt for sent, rtt in samples if idle_t0 <= sent < burst_t0]
+    during = [rtt for sent, rtt in samples if burst_t0 <= sent <= burst_t1]
+    out: dict[str, Any] = {"hb_idle": latency_summary(idle), "hb_during": latency_summary(during)}
+    out["hb_p99_ratio"] = out["hb_during"]["p99_ms"] / out["hb_idle"]["p99_ms"]
+    if listed_t is not None:
+        rounds = [rtt for sent, rtt in samples if listed_t <= sent <= burst_t1]
+        out["hb_rounds"] = latency_summary(rounds)
+    return out
+
+
 async def scenario_llmconcurrent(target: Target, args: argparse.Namespace) -> dict[str, Any]:
     """`conns` devices each run one llm task of `steps` steps at once (the model answers every
-    call after its delay); `hb_conns` other devices heartbeat all along. Wall time to finish all,
-    heartbeat RTT p99 idle vs during."""
+    call after its delay); `hb_conns` other devices heartbeat all along. Wall time to finish all
+    (and its floor: model calls × delay), heartbeat RTT p99 idle vs during.
+
+    With `--hb-conns 0` the heartbeats come from a probe in another process (`hbprobe`, how
+    `bench.run` runs it, so the RTT measures the server and not this loop's own backlog of 500
+    COMMANDs): the result then carries the idle window and the burst (`idle_t0`, `burst_t0`,
+    `burst_t1`, perf_counter seconds) for `split_probe`."""
+    steps = args.model_calls - 1 if args.model_calls else args.steps
+    if steps < 0:
+        raise ScenarioError("--model-calls must be at least 1")
     hb_conns, failures = await join_many(
         target, [register_device(f"bench-hb-{i}") for i in range(args.hb_conns)], args.concurrency
     )
@@ -876,26 +981,26 @@ async def scenario_llmconcurrent(target: Target, args: argparse.Namespace) -> di
     during: list[float] = []
     phase = {"samples": idle}
 
-    async def beat(index: int, conn: Conn) -> None:
-        frame = heartbeat(f"bench-hb-{index}")
-        while True:
-            t0 = time.perf_counter()
-            await conn.send(frame)
-            while not (await conn.recv()).startswith(HEARTBEAT_OK_PREFIX):
-                pass
-            phase["samples"].append(time.perf_counter() - t0)
-            await trio.sleep(0.05)
+    def record(sent: float, rtt: float) -> None:
+        phase["samples"].append(rtt)
 
     ends: list[float] = []
+    #: When each device answered its first COMMAND (list_tools): the last of them ends the
+    #: start of the burst (500 TASK frames, session starts, tool lists), before any model call.
+    listed: list[float] = []
 
     async def work(index: int, conn: Conn) -> None:
         client_id = f"bench-llm-{index}"
-        await conn.send(device_task(client_id, f"steps={args.steps}"))
+        await conn.send(device_task(client_id, f"steps={steps}"))
+        first = True
         while True:
             frame = await conn.recv()
             kind = sniff_type(frame)
             if kind == "command":
                 await conn.send(answer_command(client_id, frame, "ok"))
+                if first:
+                    listed.append(time.perf_counter())
+                    first = False
             elif kind == "task_end":
                 if b'"status":"completed"' not in frame[:200]:
                     raise ScenarioError(f"task failed: {_loads(frame).get('error')!r}")
@@ -905,21 +1010,31 @@ async def scenario_llmconcurrent(target: Target, args: argparse.Namespace) -> di
     meter = Meter(target.pid)
     async with trio.open_nursery() as nursery:
         for index, conn in hb_conns.items():
-            nursery.start_soon(beat, index, conn)
+            beat_at = beat_phase(index, len(hb_conns), args.interval, args.spread)
+            frame = heartbeat(f"bench-hb-{index}")
+            nursery.start_soon(beat_loop, conn, frame, beat_at, args.interval, record)
+        idle_t0 = time.perf_counter()
         await trio.sleep(2.0)
         phase["samples"] = during
         meter.start()
+        burst_t0 = time.perf_counter()
         async with trio.open_nursery() as tasks:
             for index, conn in workers.items():
                 tasks.start_soon(work, index, conn)
+        burst_t1 = time.perf_counter()
         meter.stop()
         nursery.cancel_scope.cancel()
     await close_many([*hb_conns.values(), *workers.values()])
-    out: dict[str, Any] = {"tasks": len(ends), "steps": args.steps}
+    out: dict[str, Any] = {"tasks": len(ends), "steps": steps}
     out.update(meter.report(len(ends), "task"))
-    out["hb_idle"] = latency_summary(idle)
-    out["hb_during"] = latency_summary(during)
-    out["hb_p99_ratio"] = out["hb_during"]["p99_ms"] / out["hb_idle"]["p99_ms"]
+    llm_wall_report(out, meter.wall, steps, args.model_delay)
+    if hb_conns:
+        out["hb_idle"] = latency_summary(idle)
+        out["hb_during"] = latency_summary(during)
+        out["hb_p99_ratio"] = out["hb_during"]["p99_ms"] / out["hb_idle"]["p99_ms"]
+    else:
+        listed_t = max(listed, default=burst_t0)
+        out.update(idle_t0=idle_t0, burst_t0=burst_t0, listed_t=listed_t, burst_t1=burst_t1)
     return out
 
 
@@ -931,6 +1046,7 @@ SCENARIOS: dict[str, Callable[[Target, argparse.Namespace], Awaitable[dict[str, 
     "bigresult": scenario_bigresult,
     "llmsteps": scenario_llmsteps,
     "llmconcurrent": scenario_llmconcurrent,
+    "hbprobe": scenario_hbprobe,
 }
 
 
@@ -960,6 +1076,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cycles", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="steps per llm task")
     parser.add_argument("--hb-conns", type=int, default=100, help="heartbeating devices")
+    parser.add_argument(
+        "--model-calls", type=int, default=0,
+        help="model calls per llm task (steps + 1: the last call answers); overrides --steps",
+    )
+    parser.add_argument(
+        "--model-delay", type=float, default=None,
+        help="the fake model's delay per call (reported: floor = model calls × delay)",
+    )
+    parser.add_argument("--interval", type=float, default=0.05, help="heartbeat period, s")
+    parser.add_argument(
+        "--spread", action=argparse.BooleanOptionalAction, default=True,
+        help="spread the heartbeat devices' phases over the period (--no-spread: all at once)",
+    )
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--settle", type=float, default=1.0)

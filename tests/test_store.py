@@ -91,6 +91,14 @@ def rows(path: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         return conn.execute(sql, params).fetchall()
 
 
+#: Every task row on disk: `tasks`, and the inbox where a task row waited for before its ACK
+#: is committed first (the writer moves it into `tasks` with its next batch).
+ALL_TASKS = (
+    "(SELECT session_id, status FROM tasks "
+    "UNION ALL SELECT session_id, 'running' AS status FROM inbox)"
+)
+
+
 # ------------------------------------------------------------------ round trip and contract
 
 
@@ -193,7 +201,7 @@ async def test_a_task_row_commits_without_waiting_for_held_updates_which_survive
         await store.task_accepted(record("s1", "n1"))
         await store.task_ended("s1", "completed", None, {"ok": 1}, "t1", task_name="n1")
         await store.task_accepted(record("s2", "n2"))
-        assert rows(db, "SELECT session_id FROM tasks WHERE session_id = 's2'") == [("s2",)]
+        assert rows(db, f"SELECT session_id FROM {ALL_TASKS} WHERE session_id = 's2'") == [("s2",)]
         # Readable at once all the same (the outcome is kept in memory until committed).
         assert await store.task_result("n1") == {"status": "done", "result": {"ok": 1}}
         await store.task_ended("s2", "failed", "boom", None, "t2", task_name="n2")
@@ -201,6 +209,149 @@ async def test_a_task_row_commits_without_waiting_for_held_updates_which_survive
         ("s1", "completed"),
         ("s2", "failed"),
     ]
+
+
+async def test_a_just_accepted_task_is_listed_found_and_paged_before_the_writer_moves_it(
+    tmp_path: Path,
+) -> None:
+    # TASK-8: the row committed before the ACK sits in the inbox until the writer's next
+    # batch (here held back for a minute); the routes see it at once all the same.
+    db = tmp_path / "h.db"
+    async with opened(db, linger=60.0) as store:
+        await store.task_accepted(record("old", "n-old"))
+        await store.flush()  # `old` is in `tasks` now
+        await store.task_accepted(record("new", "n-new", executor_id="dev-2"))
+        await store.task_accepted(record("newer", "n-newer"))
+        assert rows(db, "SELECT session_id FROM inbox ORDER BY id") == [("new",), ("newer",)]
+        listing = await store.list_tasks(TaskQuery())
+        assert [t["session_id"] for t in listing["tasks"]] == ["newer", "new", "old"]
+        assert set(listing["tasks"][0]) == SUMMARY_KEYS
+        assert listing["tasks"][0]["status"] == "running"
+        assert listing["tasks"][0]["commands"] == 0
+        running = await store.list_tasks(TaskQuery(status="running", target="dev-2"))
+        assert [t["session_id"] for t in running["tasks"]] == ["new"]
+        assert (await store.list_tasks(TaskQuery(status="completed")))["tasks"] == []
+        # A page boundary inside the inbox, then into `tasks`: each task once, in order.
+        first = await store.list_tasks(TaskQuery(limit=1))
+        assert [t["session_id"] for t in first["tasks"]] == ["newer"]
+        second = await store.list_tasks(TaskQuery(limit=1, cursor=first["next_cursor"]))
+        assert [t["session_id"] for t in second["tasks"]] == ["new"]
+        third = await store.list_tasks(TaskQuery(limit=5, cursor=second["next_cursor"]))
+        assert [t["session_id"] for t in third["tasks"]] == ["old"]
+        assert third["next_cursor"] is None
+        detail = await store.task_detail("new")
+        assert detail is not None
+        assert (detail["status"], detail["request"], detail["steps"]) == ("running", "do it", [])
+        assert await store.task_result("n-new") == {"status": "pending"}
+        # Its outcome, queued but not yet written, reads through the in-memory overlay.
+        await store.task_ended("new", "completed", None, {"ok": True}, "t", task_name="n-new")
+        assert await store.task_result("n-new") == {"status": "done", "result": {"ok": True}}
+    assert rows(db, "SELECT count(*) FROM inbox") == [(0,)]  # a clean stop moves it
+    assert rows(db, "SELECT session_id, status FROM tasks ORDER BY id") == [
+        ("old", "running"), ("new", "completed"), ("newer", "running"),
+    ]  # fmt: skip
+
+
+async def test_an_accepted_task_left_in_the_inbox_by_a_crash_is_recovered_as_failed(
+    tmp_path: Path,
+) -> None:
+    # The process died after the task row was committed (the ACK may have gone out) and
+    # before the writer moved it into `tasks`: the next start marks it failed, keeping its id.
+    db = tmp_path / "h.db"
+    async with opened(db) as store:
+        await store.task_accepted(record("done", "n-done"))
+        await store.task_ended("done", "completed", None, None, "t", task_name="n-done")
+    created = datetime.datetime.now(datetime.UTC).isoformat()
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "INSERT INTO inbox (id, session_id, task_name, requester_id, requester_type, "
+            "executor_id, platform, agent, request, created_at) "
+            "VALUES (7, 'lost', 'n-lost', 'c', 'constellation', 'd', 'linux', 'script', 'r', ?)",
+            (created,),
+        )
+    before = datetime.datetime.now(datetime.UTC).isoformat()
+    async with opened(db) as store:
+        assert store.recovered == 1
+        assert await store.task_result("n-lost") == {
+            "status": "failed", "error": CRASH_ERROR, "result": None,
+        }  # fmt: skip
+        detail = await store.task_detail("lost")
+        await store.task_accepted(record("next"))
+        await store.flush()
+    assert detail is not None
+    assert detail["ended_at"] >= before
+    assert detail["created_at"] == created
+    assert rows(db, "SELECT count(*) FROM inbox") == [(0,)]
+    assert rows(db, "SELECT id, session_id, status FROM tasks ORDER BY id") == [
+        (1, "done", "completed"), (7, "lost", "failed"), (8, "next", "running"),
+    ]  # fmt: skip
+
+
+async def test_a_version_1_database_is_migrated_and_its_running_tasks_recovered(
+    tmp_path: Path,
+) -> None:
+    from ufo_trio._store_sql import MIGRATIONS
+
+    db = tmp_path / "h.db"
+    with sqlite3.connect(db) as conn:
+        for statement in MIGRATIONS[0]:
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version = 1")
+        conn.execute(
+            "INSERT INTO tasks (session_id, task_name, requester_id, requester_type, "
+            "executor_id, request, status, created_at) "
+            "VALUES ('v1', 'n-v1', 'c', 'constellation', 'd', 'r', 'running', 't')"
+        )
+    async with opened(db) as store:
+        assert store.recovered == 1
+        await store.task_accepted(record("v2", "n-v2"))
+        assert await store.task_result("n-v1") == {
+            "status": "failed", "error": CRASH_ERROR, "result": None,
+        }  # fmt: skip
+    assert rows(db, "PRAGMA user_version") == [(len(MIGRATIONS),)]
+    assert rows(db, "SELECT id, session_id FROM tasks ORDER BY id") == [(1, "v1"), (2, "v2")]
+
+
+async def test_a_durable_wait_is_released_after_commit_wait_when_the_disk_hangs(
+    tmp_path: Path, mock_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The wait before an ACK is bounded: the server goes on after `commit_wait` seconds
+    # (logged), and the row is still written once the disk is back.
+    db = tmp_path / "h.db"
+    connect = faulty()
+    gate = threading.Event()
+    try:
+        async with opened(db, connect=connect, commit_wait=10.0) as store:
+            connect.cls.gate = gate
+
+            async def advance() -> None:
+                await trio.to_thread.run_sync(connect.cls.entered.wait)
+                await trio.testing.wait_all_tasks_blocked()
+                mock_clock.jump(9.0)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not released
+                mock_clock.jump(1.0)
+                await trio.testing.wait_all_tasks_blocked()
+                if not released:  # not released by the bound: unstick the disk, fail below
+                    gate.set()
+
+            released = False
+            async with trio.open_nursery() as nursery:
+                start = trio.current_time()
+                nursery.start_soon(advance)
+                await store.task_accepted(record("stuck"))
+                released = True
+            assert trio.current_time() == start + 10.0
+            assert any(
+                "accepted for stuck not committed within 10s" in r.getMessage()
+                for r in caplog.records
+            )
+            connect.cls.gate = None
+            gate.set()
+            await store.flush()
+    finally:
+        gate.set()
+    assert rows(db, "SELECT session_id, status FROM tasks") == [("stuck", "running")]
 
 
 async def test_history_survives_a_restart_and_unknown_names_are_pending(tmp_path: Path) -> None:
@@ -316,7 +467,9 @@ async def test_sigkill_mid_task_then_restart_marks_it_failed_and_second_owner_is
             async with opened(db):
                 pass
         # ...and did not mark the first one's task failed.
-        assert rows(db, "SELECT status FROM tasks WHERE session_id = 'killed'") == [("running",)]
+        assert rows(db, f"SELECT status FROM {ALL_TASKS} WHERE session_id = 'killed'") == [
+            ("running",)
+        ]
         child.send_signal(signal.SIGKILL)
         assert await child.wait() == -signal.SIGKILL
     finally:
@@ -820,7 +973,9 @@ async def test_devices_merge_live_data_online_first(tmp_path: Path) -> None:
         )
         await store.device_gone("d1", "peer closed (1000)", "2026-01-03T00:00:00+00:00")
         await store.device_gone("d0", "never seen", "t")  # harmless
-        await store.task_accepted(record("barrier"))
+        # Everything queued is committed. (A task row before its ACK commits on its own,
+        # ahead of the sightings, so `task_accepted` is no barrier for them.)
+        await store.flush()
         online[:] = live
         listing = await store.devices()
     devices = listing["devices"]

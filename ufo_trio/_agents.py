@@ -77,6 +77,18 @@ class SessionContext(Protocol):
         with the COMMAND it leads to (the next `execute`). Never waits for the disk."""
         ...
 
+    async def hold_cpu(self) -> None:
+        """Optional, for agents with CPU-heavy steps (the llm agent): wait (FIFO) for a slot of
+        the server's session CPU gate, so a burst of sessions woken together does not hold up
+        other clients' frames. Hold it only for CPU work: `execute` gives it back while the
+        device works and takes it again for the results; call `release_cpu` before any other
+        wait (a model call, a sleep). The session's end releases it in any case."""
+        ...
+
+    def release_cpu(self) -> None:
+        """Give back the slot taken by `hold_cpu` (no-op if none is held)."""
+        ...
+
 
 @runtime_checkable
 class Agent(Protocol):

@@ -879,6 +879,10 @@ class LlmAgent:
 
     async def run(self, ctx: SessionContext) -> Any:
         sid = shown(ctx.session_id)
+        # The session's CPU segments (its start up to the list_tools COMMAND, then from each
+        # model answer or COMMAND result up to the next model call or COMMAND) hold the
+        # session CPU gate; waits for the model or the device never do (docs/architecture.md).
+        await ctx.hold_cpu()
         [listing] = await ctx.execute([LIST_TOOLS])
         if listing.status is not ResultStatus.SUCCESS:
             raise self._fail(
@@ -920,10 +924,12 @@ class LlmAgent:
             return {"answer": answer, "steps": steps, "usage": dict(usage)}
 
         while True:
+            ctx.release_cpu()
             try:
                 reply = await self._call(sid, messages, toolbox.functions)
             except ModelError as exc:
                 raise self._fail(exc.message, outcome(None)) from None
+            await ctx.hold_cpu()
             usage["prompt_tokens"] += reply.prompt_tokens
             usage["completion_tokens"] += reply.completion_tokens
             await ctx.record_model_turn(self._turn(reply))

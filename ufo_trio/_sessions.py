@@ -20,6 +20,7 @@ from . import _rules
 from ._agents import Agent, AgentFactory, TaskFailed, UnsupportedPlatform
 from ._codec import encode_server_message, shown, unstructure
 from ._errors import ConnectionGone
+from ._gate import CpuGate
 from ._limits import log_refusal
 from ._messages import (
     ClientMessage,
@@ -145,6 +146,10 @@ class Session:
     waiters: dict[str, _Waiter] = attrs.field(factory=dict)
     #: COMMAND frames sent so far (the step index of the task history).
     steps: int = 0
+    #: True while this session holds a slot of the manager's CPU gate (`hold_cpu`).
+    cpu_held: bool = False
+    #: Set while one of the session's tasks waits for a slot (others wait for that one).
+    _cpu_turn: trio.Event | None = None
     log: logging.LoggerAdapter[logging.Logger] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -160,6 +165,31 @@ class Session:
             self.cancel_reason = reason
         self.scope.cancel()
 
+    async def hold_cpu(self) -> None:
+        """Wait (FIFO) for a slot of the server's session CPU gate, unless this session holds
+        one; see `_gate`. `execute` lends it back while the device works, `release_cpu` ends it,
+        and the session's end releases it whatever happens."""
+        # One slot per session: an agent with two `execute`s in flight shares it, so the
+        # second task to ask waits for the first one's turn instead of queueing twice.
+        while not self.cpu_held:
+            turn = self._cpu_turn
+            if turn is not None:
+                await turn.wait()
+                continue
+            self._cpu_turn = turn = trio.Event()
+            try:
+                await self.manager.gate.acquire(self)
+                self.cpu_held = True
+            finally:
+                self._cpu_turn = None
+                turn.set()
+
+    def release_cpu(self) -> None:
+        """Give the CPU gate's slot back (no-op if not held): before any wait on the network."""
+        if self.cpu_held:
+            self.cpu_held = False
+            self.manager.gate.release(self)
+
     async def execute(
         self,
         commands: list[Command],
@@ -168,9 +198,13 @@ class Session:
         process_name: str | None = None,
         root_name: str | None = None,
     ) -> list[Result]:
-        """CMD-1…CMD-7: one COMMAND round trip with the executor."""
+        """CMD-1…CMD-7: one COMMAND round trip with the executor.
+
+        A caller holding the CPU gate (`hold_cpu`) gives it back as the COMMAND is written (not
+        held while the device works) and gets it again (FIFO) before the results are handled."""
         # A write may complete without a checkpoint, so a cancelled session must stop here.
         await trio.lowlevel.checkpoint_if_cancelled()
+        gated = self.cpu_held
         commands = [attrs.evolve(c, call_id=new_id()) for c in commands]
         response_id = new_id()
         waiter = _Waiter(commands)
@@ -180,6 +214,10 @@ class Session:
         step = self.steps
         self.steps += 1
         sent = trio.current_time()
+        # The CPU gate's slot goes back before the write: the COMMAND is still encoded and
+        # written in this same task step (releasing does not yield), but a device that reads
+        # slowly (a write waiting up to SEND_TIMEOUT) never holds a slot.
+        self.release_cpu()
         try:
             try:
                 await self.executor.send(
@@ -209,6 +247,8 @@ class Session:
                 await store.command_sent(self.session_id, step, commands, wall_now())
             with trio.move_on_after(config.command_timeout):
                 await waiter.done.wait()
+            if gated:
+                await self.hold_cpu()
             if store is not None:  # the Results, or None for a timeout
                 await store.results_received(self.session_id, step, waiter.results, wall_now())
             if waiter.results is None:  # CMD-6
@@ -265,6 +305,9 @@ class Session:
             # `finish` by SEND_TIMEOUT, and here as a whole) so it cannot hang either.
             context = self.manager.context
             patience = 2 * context.config.send_timeout
+            # The CPU gate's slot (if the last segment held one) goes back first: the TASK_END
+            # is written to a peer that may read slowly, and is never made to wait for a slot.
+            self.release_cpu()
             with trio.CancelScope(shield=True), context.shutdown.bounded(patience):
                 await self.manager.finish(self, *outcome)
             self.done.set()
@@ -319,6 +362,8 @@ class SessionManager:
     agent_factory: AgentFactory
     live: dict[str, Session] = attrs.field(factory=dict)
     results: ResultStore = attrs.field(init=False)
+    #: Bounds the sessions running CPU segments at once (`Session.hold_cpu`; llm agent).
+    gate: CpuGate = attrs.field(factory=CpuGate)
 
     def __attrs_post_init__(self) -> None:
         self.results = ResultStore(self.context.config.result_store_size)

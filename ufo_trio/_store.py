@@ -33,9 +33,12 @@ Policies:
 * **Ownership.** `<db>.lock` is held with `fcntl.flock` for the store's lifetime, taken before
   anything is read or written; the OS drops it when the process dies, even on SIGKILL. A second
   store on the same file fails with `StoreError` naming the file and never touches its rows.
-* **Crash recovery** at open: every `running` task becomes `failed` with error
-  `server stopped before the task ended`, `ended_at` = this start; devices marked connected get
-  the disconnect reason `server stopped`.
+* **The inbox.** A task row somebody waits for (before its ACK) commits on its own into
+  `inbox`, a table without secondary indexes; the writer's next batch moves it into `tasks`
+  first (same id). Reads merge both tables in one read transaction.
+* **Crash recovery** at open: every `running` task, and every row left in the inbox, becomes
+  `failed` with error `server stopped before the task ended`, `ended_at` = this start; devices
+  marked connected get the disconnect reason `server stopped`.
 * **Queue full** (`queue_size` operations): a writer waits up to `full_wait` seconds for room.
   After that a task row (accepted / acked / ended) is queued anyway — an outcome is never
   dropped; a transcript step, model turn or device sighting is dropped, counted and logged
@@ -63,6 +66,7 @@ and the readers under a lock.
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import datetime
 import hashlib
@@ -72,6 +76,7 @@ import logging
 import os
 import queue
 import secrets
+import socket
 import sqlite3
 import threading
 import time
@@ -81,9 +86,11 @@ import attrs
 import trio
 
 from ._errors import UfoTrioError
-from ._store_sql import MAX_REQUEST_BYTES as MAX_REQUEST_BYTES
 from ._store_sql import (
+    INSERT_INBOX,
     MIGRATIONS,
+    MOVE_INBOX,
+    RECOVER_INBOX,
     cut_request,
     device_entry,
     dump_commands,
@@ -99,6 +106,7 @@ from ._store_sql import (
     to_json,
     wall_now,
 )
+from ._store_sql import MAX_REQUEST_BYTES as MAX_REQUEST_BYTES
 from ._store_sql import BadCursor as BadCursor
 from ._store_sql import BadQuery as BadQuery
 from ._store_sql import DeviceRecord as DeviceRecord
@@ -147,6 +155,30 @@ class _Ended:
     error: str | None
     result: Any
     ended_at: str
+
+
+class _Wake:
+    """A wake-up for the writer thread: `set` from any thread, `wait` (which also clears it)
+    from the writer only. A lock used as a binary semaphore: both sides are single C calls
+    (a `threading.Event` is a Python-level `Condition`, whose lock the woken writer first has
+    to take back from the thread that woke it)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()  # held = not set
+
+    def set(self) -> None:
+        if self._lock.locked():
+            try:
+                self._lock.release()
+            except RuntimeError:  # set by another thread meanwhile
+                pass
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for `set`; clear it. True if it was set."""
+        return self._lock.acquire(timeout=timeout)
 
 
 class _Pending:
@@ -214,7 +246,7 @@ class TaskStore:
         #: Seconds the writer waits after a first operation that nobody waits for, to batch
         #: more; `_hurry` (set by a durable put) ends the wait at once.
         self._linger = linger
-        self._hurry = threading.Event()
+        self._hurry = _Wake()
         # Secret values (llm key, tool secrets) and their JSON-escaped forms, masked in every
         # text the writer stores (a device may echo a secret filled into its parameters).
         self._secrets = sorted(
@@ -226,6 +258,14 @@ class TaskStore:
         self._read_limiter = trio.CapacityLimiter(read_threads)
         self._read_pool: list[sqlite3.Connection] = []
         self._pool_lock = threading.Lock()
+        # Writer → Trio notifications (`_tell_trio`, `_dispatch`).
+        self._tell_lock = threading.Lock()
+        self._telling = False
+        self._told: collections.deque[tuple[list[trio.Event], list[_Ended], bool]] = (
+            collections.deque()
+        )
+        self._tell_receive: socket.socket  # a socket pair made by `run`
+        self._tell_send: socket.socket
         # `:memory:` only: the writer and the readers share one connection.
         self._mem_lock = threading.Lock()
         self._writer: sqlite3.Connection | None = None
@@ -243,12 +283,23 @@ class TaskStore:
         self._writer_done = False
         self._abandoned = False
         self._stop_requested = trio.Event()
+        #: Wakes the owner task (`run`): a stop, or a first durable waiter to time.
+        self._wake_owner = trio.Event()
+        #: Durable waits in order: (Trio deadline, event set when committed, what for the log).
+        self._waiters: collections.deque[tuple[float, trio.Event, str]] = collections.deque()
+        self._watching = False
+        #: `run` sleeps until the deadline of a durable wait (a released one, perhaps).
+        self._timing = False
         self._pending_ends: dict[str, _Ended] = {}
         self._pending_names: dict[str, _Ended] = {}
         self._committed: list[_Ended] = []
         self._reads_in_flight = 0
         # Writer-thread state (touched only by the writer thread after start).
         self._rowids: dict[str, int] = {}
+        #: The id of the last task row (the writer numbers them: an inbox row keeps its id).
+        self._last_id = 0
+        #: Rows committed to the inbox and not yet moved into `tasks`.
+        self._inbox_rows = 0
         self._retry: list[tuple[Any, ...]] = []
         self._dropped = 0
         self._last_error_log: float | None = None
@@ -304,15 +355,46 @@ class TaskStore:
         )
         thread.start()
         self._queue.put(("prune",))
+        self._tell_receive, self._tell_send = socket.socketpair()
+        try:
+            self._tell_receive.setblocking(False)
+            self._tell_send.setblocking(False)
+            async with trio.open_nursery() as nursery:
+                self._telling = True
+                nursery.start_soon(self._dispatch)
+                try:
+                    await self._own(task_status)
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            with self._tell_lock:
+                self._telling = False
+            self._tell_receive.close()
+            self._tell_send.close()
+
+    async def _own(self, task_status: trio.TaskStatus[TaskStore]) -> None:
+        """The owner's life after the open (see `run`): timers, then the flush at the end."""
         try:
             task_status.started(self)
-            while True:
-                with trio.move_on_after(self._prune_interval):
-                    await self._stop_requested.wait()
-                if self._stop_requested.is_set():
-                    break
-                self._queue.put(("prune",))
+            self._watching = True
+            next_prune = trio.current_time() + self._prune_interval
+            while not self._stop_requested.is_set():
+                now = trio.current_time()
+                if now >= next_prune:
+                    self._queue.put(("prune",))
+                    next_prune = now + self._prune_interval
+                wake_at = next_prune
+                # The `commit_wait` bound of the durable waits (one timer here, not a cancel
+                # scope per wait): the oldest waiter not yet released, if any.
+                # (It times the oldest; later waits have later deadlines.)
+                self._timing = self._expire_waiters(now)
+                if self._timing:
+                    wake_at = min(wake_at, self._waiters[0][0])
+                self._wake_owner = trio.Event()
+                with trio.move_on_at(wake_at):
+                    await self._wake_owner.wait()
         finally:
+            self._watching = False
             self._closing = True
             self._queue.put(("stop",))
             self._hurry.set()  # the writer may be lingering for a batch: stop now
@@ -322,6 +404,9 @@ class TaskStore:
                 # deadline: the writer is a real thread, and an autojumping MockClock would
                 # otherwise jump to the deadline before the writer could commit.
                 await trio.to_thread.run_sync(self._writer_exited.wait, max(within, 0.0))
+            for _, event, _ in self._waiters:  # nobody waits past the end of the store
+                event.set()
+            self._waiters.clear()
             with self._handoff:
                 if self._writer_done:
                     self._close_connections()
@@ -340,6 +425,25 @@ class TaskStore:
         if within is not None:
             self._flush_within = within
         self._stop_requested.set()
+        self._wake_owner.set()
+
+    def _expire_waiters(self, now: float) -> bool:
+        """Forget released durable waiters and release those past `commit_wait` (logged);
+        True if some are left (the oldest first)."""
+        waiters = self._waiters
+        while waiters:
+            deadline, event, subject = waiters[0]
+            if not event.is_set():
+                if deadline > now:
+                    return True
+                event.set()
+                log.warning(
+                    "task store: %s not committed within %gs; continuing",
+                    subject,
+                    self._commit_wait,
+                )
+            waiters.popleft()
+        return False
 
     async def aclose(self) -> None:
         """`close()` and wait until the writer has stopped (bounded by `flush_timeout`)."""
@@ -439,6 +543,10 @@ class TaskStore:
                     "WHERE status = 'running'",
                     (CRASH_ERROR, now),
                 ).rowcount
+                # Accepted (committed before their ACK) but not yet moved into `tasks`.
+                self.recovered += conn.execute(RECOVER_INBOX, (CRASH_ERROR, now)).rowcount
+                conn.execute("DELETE FROM inbox")
+                self._last_id = conn.execute("SELECT coalesce(max(id), 0) FROM tasks").fetchone()[0]
                 conn.execute(
                     "UPDATE devices SET connected = 0, last_disconnect_reason = ? "
                     "WHERE connected = 1",
@@ -492,7 +600,12 @@ class TaskStore:
         """Record a new task; returns once it is committed (or kept in memory after a disk
         error, or after `commit_wait` seconds), so the row exists before the ACK goes out."""
         # In memory nothing is durable: no wait, so the ACK is not held up for nothing.
-        await self._put(("accepted", record), essential=True, durable=not self._memory)
+        await self._put(
+            ("accepted", record),
+            essential=True,
+            durable=not self._memory,
+            subject=f"accepted for {record.session_id[:80]}",
+        )
 
     def task_acked(self, session_id: str, at: str) -> None:
         """The ACK went out (never waits; a task row op, so never dropped)."""
@@ -541,7 +654,7 @@ class TaskStore:
 
     async def flush(self) -> None:
         """Wait until everything queued so far is committed (or kept after a disk error)."""
-        await self._put(("flush",), essential=True, durable=True)
+        await self._put(("flush",), essential=True, durable=True, subject="flush")
 
     async def prune(self) -> None:
         """Apply retention now and wait until it is done (bounded by `commit_wait`)."""
@@ -552,7 +665,13 @@ class TaskStore:
             await done.wait()
 
     async def _put(
-        self, op: tuple[Any, ...], *, essential: bool, durable: bool = False, patient: bool = True
+        self,
+        op: tuple[Any, ...],
+        *,
+        essential: bool,
+        durable: bool = False,
+        patient: bool = True,
+        subject: str = "",
     ) -> None:
         if self._closing:
             if essential:
@@ -587,27 +706,38 @@ class TaskStore:
         done = trio.Event()
         self._queue.put((*op, done))
         self._hurry.set()
+        if self._watching:
+            # `run` releases the wait after `commit_wait` (cheaper than a cancel scope here).
+            waiters = self._waiters
+            while waiters and waiters[0][1].is_set():  # forget the released ones
+                waiters.popleft()
+            waiters.append((trio.current_time() + self._commit_wait, done, subject))
+            if not self._timing:
+                self._wake_owner.set()  # to time this wait
+            await done.wait()
+            return
         with trio.move_on_after(self._commit_wait) as scope:
             await done.wait()
         if scope.cancelled_caught:
             log.warning(
-                "task store: %s for %s not committed within %gs; continuing",
-                op[0],
-                _op_subject(op),
+                "task store: %s not committed within %gs; continuing",
+                subject,
                 self._commit_wait,
             )
 
     # ------------------------------------------------------------------------- callbacks from the writer
 
     def _notify(self, events: list[trio.Event], committed: list[_Ended], room: bool) -> None:
-        """Runs on the Trio thread (`run_sync_soon`): wake waiters, forget committed outcomes."""
+        """Runs on the Trio thread (`_dispatch` or `run_sync_soon`): wake waiters, forget
+        committed outcomes."""
         for event in events:
             event.set()
         # A read that is in flight may hold a snapshot from before this commit: the overlay
         # has to outlive it, so forgetting waits until no read is in flight.
-        self._committed.extend(committed)
-        if not self._reads_in_flight:
-            self._forget_committed()
+        if committed:
+            self._committed.extend(committed)
+            if not self._reads_in_flight:
+                self._forget_committed()
         if room:
             self._room.set()
 
@@ -624,16 +754,54 @@ class TaskStore:
         with contextlib.suppress(trio.RunFinishedError):
             self._token.run_sync_soon(fn, *args)
 
+    def _tell_trio(self, events: list[trio.Event], committed: list[_Ended], room: bool) -> None:
+        """`_notify` on the Trio thread (writer thread): through `_dispatch` while it runs
+        (a byte on a socket pair it waits on: one wake-up of the event loop, no callback
+        queue), else through `run_sync_soon`."""
+        with self._tell_lock:
+            if self._telling:
+                self._told.append((events, committed, room))
+                try:
+                    self._tell_send.send(b"\0")
+                except BlockingIOError:  # full: a wake-up is pending anyway
+                    pass
+                return
+        self._call_trio(self._notify, events, committed, room)
+
+    async def _dispatch(self) -> None:
+        """Runs `_notify` for what the writer tells (see `_tell_trio`) until cancelled; then
+        the writer goes back to `run_sync_soon` and what is left is delivered here."""
+        told = self._told
+        receive = self._tell_receive
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(receive)
+                try:
+                    receive.recv(4096)
+                except BlockingIOError:
+                    pass
+                while told:
+                    self._notify(*told.popleft())
+        finally:
+            with self._tell_lock:
+                self._telling = False
+            while told:
+                self._notify(*told.popleft())
+
     # ------------------------------------------------------------------------- the writer thread
 
     def _writer_main(self) -> None:
         try:
             stopping = False
             warm = False
-            # Operations nobody waits for, held back while task rows commit on their own so
-            # that the wait before an ACK is one INSERT's transaction; written together once
-            # `held_until` passes (the linger), or with anything else somebody waits for.
+            # Operations nobody waits for, held back while task rows commit on their own (to
+            # the inbox) so that the wait before an ACK is one small INSERT's transaction;
+            # written together once `held_until` passes (the linger), or with anything else
+            # somebody waits for. Every `_write` first moves the inbox into `tasks`.
+            # `held_sessions`: the sessions with a held operation (a task row of theirs must
+            # stay in order behind it).
             held: list[tuple[Any, ...]] = []
+            held_sessions: set[str | None] = set()
             held_until = 0.0
             while not stopping:
                 hold: float | None = None
@@ -646,40 +814,49 @@ class TaskStore:
                     if held:
                         hold = max(held_until - time.monotonic(), 0.0)
                 ops, stopping = self._drain(timeout, warm, hold)
-                had_held = bool(held)
-                batch = held + self._retry + ops
-                held = []
-                self._retry = []
                 warm = bool(ops)
-                if not batch:
-                    if self._prune_more:
+                had_held = bool(held)
+                if self._retry:  # after a disk error: everything again, in order
+                    ops = held + self._retry + ops
+                    held = []
+                    held_sessions.clear()
+                    self._retry = []
+                if not ops and not had_held:
+                    if stopping and self._inbox_rows:
+                        self._write([])  # a clean stop leaves no task in the inbox
+                    elif self._prune_more:
                         self._prune_step()
                     continue
-                urgent, rest = (
-                    _split_urgent(batch) if self._linger and not stopping else ([], batch)
-                )
+                if self._linger and not stopping:
+                    urgent, rest = _split_urgent(ops, held_sessions)
+                else:
+                    urgent, rest = [], ops
                 if not urgent and not had_held:
-                    self._write(batch)
+                    self._write(rest)
+                    held_sessions.clear()
                     continue
                 if urgent:
-                    self._write(urgent)
-                if not rest:
+                    self._write_urgent(urgent)
+                held += rest
+                if not held:
                     continue
                 now = time.monotonic()
                 if self._retry:  # the disk failed: keep the rest with the task rows, in order
-                    self._retry.extend(rest)
+                    self._retry.extend(held)
+                    held = []
+                    held_sessions.clear()
                 elif (
                     stopping
                     or self._prune_more  # a prune sees every outcome committed
                     or (had_held and now >= held_until)
-                    or len(rest) >= MAX_BATCH
+                    or len(held) >= MAX_BATCH
                     or any(isinstance(op[-1], trio.Event) for op in rest)
                 ):
-                    self._write(rest)
-                else:
-                    if not had_held:
-                        held_until = now + self._linger
-                    held = rest
+                    self._write(held)
+                    held = []
+                    held_sessions.clear()
+                elif not had_held:
+                    held_until = now + self._linger
             if self._retry:
                 log.error(
                     "task store: stopping with %d operation(s) that could not be written",
@@ -708,7 +885,6 @@ class TaskStore:
             # the hold, whichever comes first, then take what is queued.
             if self._queue.empty():
                 self._hurry.wait(hold)
-                self._hurry.clear()
             lingered = True
             timeout = 0.0
         elif warm and timeout is None and self._linger and self._queue.empty():
@@ -717,7 +893,6 @@ class TaskStore:
             # thread one by one while the event loop is busy: one wake-up per batch, by the
             # linger timer or by a durable put (the next task row before its ACK).
             self._hurry.wait(self._linger)
-            self._hurry.clear()
             lingered = True
         try:
             if timeout == 0.0:
@@ -737,7 +912,6 @@ class TaskStore:
             # so the writer wakes (and takes the GIL) once per batch rather than once per op;
             # an operation somebody waits for (a task row before its ACK) cuts it short.
             self._hurry.wait(self._linger)
-            self._hurry.clear()
         stopping = False
         item: tuple[Any, ...] | None = first
         while item is not None:
@@ -752,12 +926,10 @@ class TaskStore:
                 ops.append(item)
             if len(ops) >= MAX_BATCH:
                 break
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                item = None
+            # (This thread is the only consumer: not empty means `get_nowait` succeeds.)
+            item = None if self._queue.empty() else self._queue.get_nowait()
         if was_full:
-            self._call_trio(self._notify, [], [], True)
+            self._tell_trio([], [], True)
         return ops, stopping
 
     def _write(self, batch: list[tuple[Any, ...]]) -> None:
@@ -769,6 +941,9 @@ class TaskStore:
             with self._mem_lock if self._memory else contextlib.nullcontext():
                 conn.execute("BEGIN IMMEDIATE")
                 try:
+                    if self._inbox_rows:  # first, so that the batch's updates find the rows
+                        conn.execute(MOVE_INBOX)
+                        conn.execute("DELETE FROM inbox")
                     pending = _Pending()
                     for op in batch:
                         try:
@@ -786,6 +961,7 @@ class TaskStore:
         except sqlite3.DatabaseError as exc:
             self._failed(batch, exc)
             return
+        self._inbox_rows = 0
         self._rowids.update(new_rowids)
         for e in ended:
             self._rowids.pop(e.session_id, None)
@@ -793,16 +969,76 @@ class TaskStore:
             self._failing = False
             self._last_error_log = None
             log.warning("task store: writing to %s again; kept operations written", self.path)
-        self._call_trio(self._notify, _events(batch), ended, False)
+        self._tell_trio(_events(batch), ended, False)
         if self._inserted_since_prune >= 1000:
             self._inserted_since_prune = 0
             self._prune_more = True
 
+    def _task_values(self, task_id: int, r: TaskRecord) -> tuple[Any, ...]:
+        """The values of a new task row, in `INBOX_COLUMNS` order."""
+        return (
+            task_id,
+            r.session_id,
+            r.task_name,
+            r.requester_id,
+            r.requester_type,
+            r.executor_id,
+            r.platform,
+            r.agent,
+            self._mask(cut_request(r.request)),
+            r.created_at,
+        )
+
+    def _write_urgent(self, accepted: list[tuple[Any, ...]]) -> None:
+        """Commit task rows somebody waits for (before their ACK) into the inbox: a table
+        without secondary indexes, so the transaction is one or two WAL pages. The next
+        `_write` moves them into `tasks` (crash recovery at start does it after a crash)."""
+        conn = self._writer
+        assert conn is not None
+        new_rowids: dict[str, int] = {}
+        last_id = self._last_id
+        try:
+            with self._mem_lock if self._memory else contextlib.nullcontext():
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for op in accepted:
+                        try:
+                            conn.execute(INSERT_INBOX, self._task_values(last_id + 1, op[1]))
+                        except Exception as exc:
+                            if _is_disk_error(exc):
+                                raise
+                            self._skipped(op, exc)
+                        else:
+                            last_id += 1
+                            new_rowids[op[1].session_id] = last_id
+                    conn.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    raise
+        except sqlite3.DatabaseError as exc:
+            self._failed(accepted, exc)
+            return
+        self._last_id = last_id
+        self._inbox_rows += len(new_rowids)
+        self._inserted_since_prune += len(new_rowids)
+        self._rowids.update(new_rowids)
+        if self._failing:
+            self._failing = False
+            self._last_error_log = None
+            log.warning("task store: writing to %s again; kept operations written", self.path)
+        self._tell_trio([op[-1] for op in accepted], [], False)
+
     def _write_pending(self, conn: sqlite3.Connection, pending: _Pending) -> None:
         """The folded updates of a batch: one statement per step, one per task."""
-        for (task_id, index), (insert, sent_at, commands, results, received, timed_out) in (
-            pending.steps.items()
-        ):
+        for (task_id, index), (
+            insert,
+            sent_at,
+            commands,
+            results,
+            received,
+            timed_out,
+        ) in pending.steps.items():
             try:
                 if insert:
                     conn.execute(
@@ -876,7 +1112,7 @@ class TaskStore:
         # The server keeps serving: whoever waits for these writes is released now.
         events = _events(batch)
         if events:
-            self._call_trio(self._notify, events, [], False)
+            self._tell_trio(events, [], False)
 
     def _apply(
         self,
@@ -902,25 +1138,15 @@ class TaskStore:
             return found
 
         if kind == "accepted":
-            r: TaskRecord = op[1]
-            cursor = conn.execute(
-                "INSERT INTO tasks (session_id, task_name, requester_id, requester_type, "
-                "executor_id, platform, agent, request, status, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running', ?)",
-                (
-                    r.session_id,
-                    r.task_name,
-                    r.requester_id,
-                    r.requester_type,
-                    r.executor_id,
-                    r.platform,
-                    r.agent,
-                    self._mask(cut_request(r.request)),
-                    r.created_at,
-                ),
+            new_id = self._last_id + 1
+            conn.execute(
+                "INSERT INTO tasks (id, session_id, task_name, requester_id, requester_type, "
+                "executor_id, platform, agent, request, created_at, status) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running')",
+                self._task_values(new_id, op[1]),
             )
-            assert cursor.lastrowid is not None
-            new_rowids[r.session_id] = cursor.lastrowid
+            self._last_id = new_id
+            new_rowids[op[1].session_id] = new_id
             self._inserted_since_prune += 1
         elif kind == "acked":
             task_id = rowid(op[1])
@@ -1050,7 +1276,7 @@ class TaskStore:
                 log.info("task store: pruned %d old task(s)", len(ids))
         if not self._prune_more and self._prune_waiters:
             waiters, self._prune_waiters = self._prune_waiters, []
-            self._call_trio(self._notify, waiters, [], False)
+            self._tell_trio(waiters, [], False)
 
     # ------------------------------------------------------------------------- reading
 
@@ -1233,13 +1459,14 @@ def _op_session(op: tuple[Any, ...]) -> str | None:
 
 
 def _split_urgent(
-    batch: list[tuple[Any, ...]],
+    batch: list[tuple[Any, ...]], sessions: set[str | None]
 ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     """The task rows somebody waits for (before their ACK) that can commit ahead of the rest
-    of `batch`: those whose session has no earlier operation in it. Order is kept otherwise."""
+    of `batch`: those whose session has no earlier operation in it or in `sessions` (the
+    operations held from before), to which the sessions of the rest are added. Order is kept
+    otherwise."""
     urgent: list[tuple[Any, ...]] = []
     rest: list[tuple[Any, ...]] = []
-    sessions: set[str | None] = set()
     for op in batch:
         if op[0] == "accepted" and isinstance(op[-1], trio.Event):
             if op[1].session_id not in sessions:

@@ -7,6 +7,7 @@ parameter; the only text joined into SQL is constant fragments.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 from typing import TYPE_CHECKING, Any, Final
@@ -17,7 +18,7 @@ from ._errors import UfoTrioError
 
 if TYPE_CHECKING:
     import sqlite3
-    from collections.abc import Iterable, Mapping, Sequence
+    from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 MAX_REQUEST_BYTES: Final = 64 * 1024
 REQUEST_CUT_MARKER: Final = "\n[ufo_trio: request cut at 65536 bytes of {size}]"
@@ -87,7 +88,46 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             connected INTEGER NOT NULL DEFAULT 0
         )""",
     ),
+    # 2: the inbox. A task row somebody waits for (before its ACK) is committed here, in a table
+    # without secondary indexes (one or two WAL pages per commit instead of about nine); the
+    # writer moves it into `tasks` with its next batch, keeping its id. Reads look at both.
+    (
+        """CREATE TABLE inbox (
+            id INTEGER PRIMARY KEY,
+            session_id TEXT NOT NULL,
+            task_name TEXT NOT NULL,
+            requester_id TEXT NOT NULL,
+            requester_type TEXT NOT NULL,
+            executor_id TEXT NOT NULL,
+            platform TEXT,
+            agent TEXT,
+            request TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        )""",
+    ),
 )
+
+#: The task columns an inbox row has; the others are those of a task that just started.
+INBOX_COLUMNS: Final = (
+    "id, session_id, task_name, requester_id, requester_type, executor_id, platform, agent, "
+    "request, created_at"
+)
+#: Inbox rows as `tasks` rows (a subquery that the read queries use in place of `tasks`).
+INBOX_AS_TASKS: Final = (
+    f"(SELECT {INBOX_COLUMNS}, 'running' AS status, NULL AS error, NULL AS result, "
+    "NULL AS acked_at, NULL AS ended_at, 0 AS commands, NULL AS last_tool FROM inbox)"
+)
+INSERT_INBOX: Final = f"INSERT INTO inbox ({INBOX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+#: Moves every inbox row into `tasks` (as running); followed by DELETE FROM inbox.
+MOVE_INBOX: Final = (
+    f"INSERT INTO tasks ({INBOX_COLUMNS}, status) SELECT {INBOX_COLUMNS}, 'running' FROM inbox"
+)
+#: At start (crash recovery): what is left in the inbox ran when the server stopped.
+RECOVER_INBOX: Final = (
+    f"INSERT INTO tasks ({INBOX_COLUMNS}, status, error, ended_at) "
+    f"SELECT {INBOX_COLUMNS}, 'failed', ?, ? FROM inbox"
+)
+TASK_SOURCES: Final = ("tasks", INBOX_AS_TASKS)
 
 
 # --------------------------------------------------------------------------------- errors
@@ -314,6 +354,20 @@ def device_entry(row: dict[str, Any], client: OnlineClient | None, now: str) -> 
     }
 
 
+@contextlib.contextmanager
+def _snapshot(conn: sqlite3.Connection) -> Iterator[None]:
+    """One read transaction, so that `tasks` and the inbox are read at the same moment (a
+    task the writer moves between two statements is seen once)."""
+    if conn.in_transaction:
+        yield
+        return
+    conn.execute("SAVEPOINT snapshot")  # outside a transaction: BEGIN DEFERRED
+    try:
+        yield
+    finally:
+        conn.execute("RELEASE snapshot")
+
+
 def select_tasks(
     conn: sqlite3.Connection, query: TaskQuery, after: tuple[str, int] | None
 ) -> list[tuple[Any, ...]]:
@@ -335,61 +389,75 @@ def select_tasks(
     if after is not None:
         where.append("(created_at, id) < (?, ?)")
         params.extend(after)
-    sql = f"SELECT id, {SUMMARY_COLUMNS} FROM tasks"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+    tail = (" WHERE " + " AND ".join(where) if where else "") + (
+        " ORDER BY created_at DESC, id DESC LIMIT ?"
+    )
     params.append(query.limit + 1)
-    return conn.execute(sql, params).fetchall()
+    rows: list[tuple[Any, ...]] = []
+    with _snapshot(conn):
+        for source in TASK_SOURCES:
+            rows += conn.execute(f"SELECT id, {SUMMARY_COLUMNS} FROM {source}{tail}", params)
+    unique = {row[0]: row for row in rows}  # one row per id (ids are never in both tables)
+    ordered = sorted(unique.values(), key=lambda row: (row[10], row[0]), reverse=True)
+    return ordered[: query.limit + 1]
+
+
+def _latest(
+    conn: sqlite3.Connection, columns: str, where: str, value: str
+) -> tuple[Any, ...] | None:
+    """The row with the highest id in `tasks` or the inbox matching `where` (one `?`)."""
+    best: tuple[Any, ...] | None = None
+    with _snapshot(conn):
+        for source in TASK_SOURCES:
+            row = conn.execute(
+                f"SELECT id, {columns} FROM {source} WHERE {where} ORDER BY id DESC LIMIT 1",
+                (value,),
+            ).fetchone()
+            if row is not None and (best is None or row[0] > best[0]):
+                best = row
+    return best
 
 
 def select_detail(conn: sqlite3.Connection, session_id: str) -> dict[str, Any] | None:
-    row = conn.execute(
-        f"SELECT id, request, result, {SUMMARY_COLUMNS} FROM tasks WHERE session_id = ? "
-        "ORDER BY id DESC LIMIT 1",
-        (session_id,),
-    ).fetchone()
-    if row is None:
-        return None
-    task_id, request, result = row[0], row[1], row[2]
-    detail = summary(row[3:])
-    detail["request"] = request
-    detail["result"] = from_json(result)
-    steps = [
-        {
-            "index": idx,
-            "sent_at": sent_at,
-            "commands": from_json(commands),
-            "results": from_json(results),
-            "received_at": received_at,
-            "timed_out": bool(timed_out),
-        }
-        for idx, sent_at, commands, results, received_at, timed_out in conn.execute(
-            "SELECT idx, sent_at, commands, results, received_at, timed_out FROM steps "
-            "WHERE task_id = ? ORDER BY idx",
-            (task_id,),
-        )
-    ]
-    by_index = {step["index"]: step for step in steps}
-    for idx, turn in conn.execute(
-        "SELECT idx, turn FROM model_turns WHERE task_id = ? ORDER BY idx, seq", (task_id,)
-    ):
-        step = by_index.get(idx) or (steps[-1] if steps else None)
-        if step is not None:
-            step.setdefault("model_turns", []).append(from_json(turn))
+    with _snapshot(conn):
+        row = _latest(conn, f"request, result, {SUMMARY_COLUMNS}", "session_id = ?", session_id)
+        if row is None:
+            return None
+        task_id, request, result = row[0], row[1], row[2]
+        detail = summary(row[3:])
+        detail["request"] = request
+        detail["result"] = from_json(result)
+        steps = [
+            {
+                "index": idx,
+                "sent_at": sent_at,
+                "commands": from_json(commands),
+                "results": from_json(results),
+                "received_at": received_at,
+                "timed_out": bool(timed_out),
+            }
+            for idx, sent_at, commands, results, received_at, timed_out in conn.execute(
+                "SELECT idx, sent_at, commands, results, received_at, timed_out FROM steps "
+                "WHERE task_id = ? ORDER BY idx",
+                (task_id,),
+            )
+        ]
+        by_index = {step["index"]: step for step in steps}
+        for idx, turn in conn.execute(
+            "SELECT idx, turn FROM model_turns WHERE task_id = ? ORDER BY idx, seq", (task_id,)
+        ):
+            step = by_index.get(idx) or (steps[-1] if steps else None)
+            if step is not None:
+                step.setdefault("model_turns", []).append(from_json(turn))
     detail["steps"] = steps
     return detail
 
 
 def select_by_name(conn: sqlite3.Connection, task_name: str) -> dict[str, Any] | None:
-    row = conn.execute(
-        "SELECT session_id, status, error, result FROM tasks WHERE task_name = ? "
-        "ORDER BY id DESC LIMIT 1",
-        (task_name,),
-    ).fetchone()
+    row = _latest(conn, "session_id, status, error, result", "task_name = ?", task_name)
     if row is None:
         return None
-    return {"session_id": row[0], "status": row[1], "error": row[2], "result": from_json(row[3])}
+    return {"session_id": row[1], "status": row[2], "error": row[3], "result": from_json(row[4])}
 
 
 def select_devices(conn: sqlite3.Connection) -> list[dict[str, Any]]:
