@@ -176,8 +176,9 @@ class ModelReply:
         return message
 
 
-def _dumps_compact(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+#: `json.dumps(value, ensure_ascii=False, separators=(",", ":"))` without building an encoder
+#: per call (json.dumps does for any non-default option: ~1 µs a call, several per step).
+_dumps_compact: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 class EncodedList(list[dict[str, Any]]):
@@ -343,6 +344,10 @@ class OpenAIChatModel:
         self._busy: list[int] = []
         #: Our own transport (`_model_http`) for a direct endpoint, else None.
         self._own: ModelTransport | None = None
+        #: The endpoint's path and pool key on `_own` (set with it).
+        self._target = b""
+        self._origin: tuple[bytes, bytes, int] | None = None
+        self._raw_headers: list[tuple[bytes, bytes]] = []
         self._url: httpx.URL | None = None
         self._headers = {
             "content-type": "application/json",
@@ -394,6 +399,8 @@ class OpenAIChatModel:
             await first.aclose()
             self._own = ModelTransport(ssl_context=verify, max_connections=total)
             self._sends = [self._own]
+            self._target = url.raw_path
+            self._raw_headers = [(k.encode(), v.encode()) for k, v in self._headers.items()]
             self._busy = [0]
             return self
         self._clients = [first, *(client(size) for size in sizes[1:])]
@@ -422,26 +429,71 @@ class OpenAIChatModel:
         busy, url = self._busy, self._url
         if not self._sends or url is None:
             raise ModelError("the model client is not running (the server is stopping)")
-        pool = busy.index(min(busy))
-        busy[pool] += 1
-        try:
-            return await self._complete(self._sends[pool], url, messages, tools)
-        finally:
-            busy[pool] -= 1
-
-    async def _complete(
-        self,
-        transport: httpx.AsyncBaseTransport,
-        url: httpx.URL,
-        messages: list[dict[str, Any]],
-        tools: list[dict[str, Any]],
-    ) -> ModelReply:
-        import httpx
-
-        settings = self.settings
         content = (
             self._body_head + _encoded(messages) + ',"tools":' + _encoded(tools) + self._body_tail
         ).encode()
+        own = self._own
+        if own is not None:
+            # Our own transport: no httpx Request/Response objects per call (the same pool,
+            # connections and httpx errors; docs/performance.md, "llmstep branch").
+            return await self._post(own, content)
+        pool = busy.index(min(busy))
+        busy[pool] += 1
+        try:
+            status, headers, data = await self._complete(self._sends[pool], url, content)
+        finally:
+            busy[pool] -= 1
+        return self._reply(status, headers, data)
+
+    async def _post(self, own: ModelTransport, content: bytes) -> ModelReply:
+        import httpx
+
+        from ._model_http import ResponseTooLarge
+
+        try:
+            origin = self._origin
+            if origin is None:
+                assert self._url is not None
+                origin = self._origin = own.origin(self._url)
+            status, raw, data = await own.post(
+                origin, self._target, self._raw_headers, content, max_body=MAX_RESPONSE_BYTES
+            )
+            if status != 200 or any(name == b"content-encoding" for name, _ in raw):
+                # Rare: an error status, or an encoded body (decoded by httpx, as on the other
+                # path); h11 gives header names in lower case.
+                headers = httpx.Headers(raw)
+                if "content-encoding" in headers:
+                    data = httpx.Response(status, headers=headers, content=data).content
+            else:
+                return parse_reply(data)
+        except ResponseTooLarge:
+            raise ModelError(
+                f"the model server's answer is larger than {MAX_RESPONSE_BYTES} bytes"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise self._http_error(exc) from None
+        return self._reply(status, headers, data)
+
+    def _http_error(self, exc: httpx.HTTPError) -> ModelError:
+        import httpx
+
+        if isinstance(exc, httpx.TransportError):
+            return ModelError(
+                f"cannot reach the model server at {self.settings.shown_endpoint} "
+                f"({_transport_reason(exc)}); check --llm-base-url and that the server is running",
+                retryable=True,
+            )
+        # e.g. DecodingError: a gzip body that is not gzip
+        return ModelError(
+            f"cannot read the model server's answer ({type(exc).__name__})", retryable=False
+        )
+
+    async def _complete(
+        self, transport: httpx.AsyncBaseTransport, url: httpx.URL, content: bytes
+    ) -> tuple[int, httpx.Headers, bytes]:
+        """One call through an httpx transport (a proxy's, or an injected one)."""
+        import httpx
+
         request = httpx.Request("POST", url, content=content, headers=self._headers)
         try:
             response = await transport.handle_async_request(request)
@@ -469,32 +521,27 @@ class OpenAIChatModel:
                     f"the model server's answer is larger than {MAX_RESPONSE_BYTES} bytes"
                 )
             await response.aclose()  # read to the end: the connection goes back to the pool
-        except httpx.TransportError as exc:
-            raise ModelError(
-                f"cannot reach the model server at {settings.shown_endpoint} "
-                f"({_transport_reason(exc)}); check --llm-base-url and that the server is running",
-                retryable=True,
-            ) from None
-        except httpx.HTTPError as exc:  # e.g. DecodingError: a gzip body that is not gzip
-            raise ModelError(
-                f"cannot read the model server's answer ({type(exc).__name__})",
-                retryable=False,
-            ) from None
-        status = response.status_code
+        except httpx.HTTPError as exc:
+            raise self._http_error(exc) from None
+        return response.status_code, response.headers, bytes(data)
+
+    def _reply(self, status: int, headers: httpx.Headers, data: bytes) -> ModelReply:
+        """The reply for a 200, else the `ModelError` for the status."""
+        settings = self.settings
         if status == 200:
-            return parse_reply(bytes(data))
-        detail = _server_message(bytes(data))
+            return parse_reply(data)
+        detail = _server_message(data)
         if status == 429:
             raise ModelError(
                 f"the model server is rate limiting (HTTP 429{detail})",
                 retryable=True,
-                retry_after=_retry_after(response.headers.get("retry-after")),
+                retry_after=_retry_after(headers.get("retry-after")),
             )
         if status >= 500:
             raise ModelError(
                 f"the model server failed (HTTP {status}{detail})",
                 retryable=True,
-                retry_after=_retry_after(response.headers.get("retry-after")),
+                retry_after=_retry_after(headers.get("retry-after")),
             )
         if status in (401, 403):
             raise ModelError(
@@ -752,6 +799,8 @@ def _secret_forms(secrets: list[str]) -> tuple[str, ...]:
 
 
 def _cut(text: str, limit: int) -> str:
+    if len(text) * 4 <= limit:  # at most 4 bytes per character in UTF-8: no need to count
+        return text
     data = text.encode()
     if len(data) <= limit:
         return text
@@ -960,8 +1009,8 @@ class LlmAgent:
             masked = self._scrub(text)  # a value _dumps could only show as str()
             if masked is not text:
                 value = text = masked
-        head = _dumps({"status": status, "error": error and self._scrub(error)})[:-1]
-        content = _cut(f'{head},"result":{text}}}', limit)
+        shown_error = "null" if error is None else _dumps(error and self._scrub(error))
+        content = _cut(f'{{"status":{_dumps(status)},"error":{shown_error},"result":{text}}}', limit)
         cut = _cut(text, limit)
         return content, value if cut is text else cut
 
@@ -1006,9 +1055,14 @@ class LlmAgent:
             await trio.sleep(delay)
 
 
+_dumps_strict: Final = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), allow_nan=False
+).encode
+
+
 def _dumps(value: Any) -> str:
     try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        return _dumps_strict(value)
     except (TypeError, ValueError, RecursionError):
         return json.dumps(str(value))
 

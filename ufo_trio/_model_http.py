@@ -115,6 +115,17 @@ class _Connection:
         self.socket.close()
 
 
+class ResponseTooLarge(Exception):
+    """`ModelTransport.post`: the body is larger than the caller's `max_body`."""
+
+
+def _host_header(origin: Origin) -> bytes:
+    scheme, host, port = origin
+    if b":" in host:  # an IPv6 literal
+        host = b"[" + host + b"]"
+    return host if port == _DEFAULT_PORTS[scheme] else b"%s:%d" % (host, port)
+
+
 class _Stale(Exception):
     """A reused connection was closed by the server before any byte of the response."""
 
@@ -193,7 +204,7 @@ class ModelTransport(httpx.AsyncBaseTransport):
                 self._discard(idle.popleft())
                 return
 
-    async def _connect(self, request: httpx.Request, origin: Origin) -> _Connection:
+    async def _connect(self, request: httpx.Request | None, origin: Origin) -> _Connection:
         scheme, host, port = origin
         self._make_room()
         self.open_connections += 1
@@ -224,8 +235,8 @@ class ModelTransport(httpx.AsyncBaseTransport):
 
     # ------------------------------------------------------------------ one request
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        url = request.url
+    def origin(self, url: httpx.URL, request: httpx.Request | None = None) -> Origin:
+        """The pool key of `url`; httpx's errors for a URL this transport cannot serve."""
         scheme = url.raw_scheme
         if scheme not in _DEFAULT_PORTS:
             raise httpx.UnsupportedProtocol(
@@ -236,13 +247,19 @@ class ModelTransport(httpx.AsyncBaseTransport):
             raise httpx.UnsupportedProtocol("Request URL is missing a host.", request=request)
         if scheme == b"https" and self._ssl_context is None:
             raise httpx.ConnectError("https needs the transport's ssl_context", request=request)
+        return (scheme, url.raw_host, url.port or _DEFAULT_PORTS[scheme])
+
+    async def _start(
+        self,
+        origin: Origin,
+        head: h11.Request,
+        body: bytes,
+        request: httpx.Request | None,
+    ) -> tuple[_Connection, h11.Response]:
+        """Take a slot and a connection, send the request, parse the response head. On
+        return the caller owns the slot and the connection (`_finish` or `_drop` them)."""
         if self._closed:
             raise httpx.ConnectError("the model transport is closed", request=request)
-        origin = (scheme, url.raw_host, url.port or _DEFAULT_PORTS[scheme])
-        try:
-            body = request.content
-        except httpx.RequestNotRead:
-            body = await request.aread()
         slots = self._slots
         try:  # no scheduler round trip when a slot is free (the wait below is the checkpoint)
             slots.acquire_nowait()
@@ -253,12 +270,12 @@ class ModelTransport(httpx.AsyncBaseTransport):
             if conn is None:
                 conn = await self._connect(request, origin)
             try:
-                head = await self._exchange(conn, request, body)
+                response = await self._exchange(conn, head, body, request)
             except _Stale:
                 self._discard(conn)
                 conn = await self._connect(request, origin)
                 try:  # a fresh connection is never `_Stale`: errors are the server's
-                    head = await self._exchange(conn, request, body)
+                    response = await self._exchange(conn, head, body, request)
                 except BaseException:
                     self._discard(conn)
                     raise
@@ -268,30 +285,112 @@ class ModelTransport(httpx.AsyncBaseTransport):
         except BaseException:
             self._slots.release()
             raise
+        return conn, response
+
+    def _finish(self, conn: _Connection) -> None:
+        """The response was read to the end: the connection back to the pool if both sides
+        may go on (else closed), and the slot freed."""
+        parser = conn.h11
+        if parser.our_state is h11.DONE and parser.their_state is h11.DONE:
+            parser.start_next_cycle()
+            self._release(conn)
+        else:  # Connection: close, or the server may not go on
+            self._discard(conn)
+        self._slots.release()
+
+    def _drop(self, conn: _Connection) -> None:
+        """Before the end of the response: close the connection, free the slot."""
+        self._discard(conn)
+        self._slots.release()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        origin = self.origin(request.url, request)
+        try:
+            body = request.content
+        except httpx.RequestNotRead:
+            body = await request.aread()
+        try:
+            head = h11.Request(
+                method=request.method, target=request.url.raw_path, headers=request.headers.raw
+            )
+        except h11.LocalProtocolError as exc:
+            raise httpx.LocalProtocolError(str(exc), request=request) from None
+        conn, response = await self._start(origin, head, body, request)
         return httpx.Response(
-            head.status_code,
-            headers=head.headers,
+            response.status_code,
+            headers=response.headers,
             stream=_ResponseBody(self, conn, request),
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": head.reason},
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": response.reason},
         )
 
+    async def post(
+        self,
+        origin: Origin,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        *,
+        max_body: int,
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """One POST with the whole answer read: (status, headers, body as sent, i.e. not
+        content-decoded). The model client's own path (`OpenAIChatModel`): no httpx
+        `Request`/`Response` objects or body iterators per call, the same pool, connections and
+        errors as `handle_async_request` (`origin` from `origin()`; `headers` without Host and
+        Content-Length, lower-case names). A body over `max_body` bytes raises
+        `ResponseTooLarge` and closes the connection."""
+        try:
+            head = h11.Request(
+                method=b"POST",
+                target=target,
+                headers=[
+                    (b"host", _host_header(origin)),
+                    *headers,
+                    (b"content-length", b"%d" % len(body)),
+                ],
+            )
+        except h11.LocalProtocolError as exc:
+            raise httpx.LocalProtocolError(str(exc)) from None
+        conn, response = await self._start(origin, head, body, None)
+        parser = conn.h11
+        data = bytearray()
+        try:
+            while True:
+                try:
+                    event = parser.next_event()
+                except h11.RemoteProtocolError as exc:
+                    raise httpx.RemoteProtocolError(str(exc)) from None
+                if event is h11.NEED_DATA:
+                    parser.receive_data(await _receive(conn, None))
+                elif type(event) is h11.Data:
+                    data += event.data
+                    if len(data) > max_body:
+                        raise ResponseTooLarge
+                elif type(event) is h11.EndOfMessage:
+                    break
+                else:  # ConnectionClosed before the end of the body
+                    raise httpx.RemoteProtocolError(
+                        "Server disconnected before the end of the response."
+                    )
+        except BaseException:
+            # Cancelled or failed mid-answer: the connection is closed at once, never reused.
+            self._drop(conn)
+            raise
+        self._finish(conn)
+        return response.status_code, list(response.headers), bytes(data)
+
     async def _exchange(
-        self, conn: _Connection, request: httpx.Request, body: bytes
+        self,
+        conn: _Connection,
+        head: h11.Request,
+        body: bytes,
+        request: httpx.Request | None,
     ) -> h11.Response:
         """Send the request, wait for the response to start, parse its head. Raises `_Stale`
         for a reused connection that was closed before any byte came back."""
-        url = request.url
         parser = conn.h11
         send = parser.send_with_data_passthrough
         try:
-            chunks = (
-                send(
-                    h11.Request(
-                        method=request.method, target=url.raw_path, headers=request.headers.raw
-                    )
-                )
-                or []
-            )
+            chunks = send(head) or []
             if body:
                 chunks += send(h11.Data(data=body)) or []
             chunks += send(h11.EndOfMessage()) or []
@@ -320,7 +419,9 @@ class ModelTransport(httpx.AsyncBaseTransport):
                     "Server disconnected without sending a response.", request=request
                 )
 
-    async def _wait_response_start(self, conn: _Connection, request: httpx.Request) -> None:
+    async def _wait_response_start(
+        self, conn: _Connection, request: httpx.Request | None
+    ) -> None:
         """Wait until the first bytes of the response arrived (the model's thinking time).
 
         Everything after this returns is CPU work on the answer; a gate on that work goes
@@ -397,29 +498,20 @@ class _ResponseBody(httpx.AsyncByteStream):
 
     def _finish(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        transport = self._transport
-        parser = conn.h11
-        if parser.our_state is h11.DONE and parser.their_state is h11.DONE:
-            parser.start_next_cycle()
-            transport._release(conn)
-        else:  # Connection: close, or the server may not go on
-            transport._discard(conn)
-        transport._slots.release()
+        if conn is not None:
+            self._transport._finish(conn)
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            self._transport._discard(conn)
-            self._transport._slots.release()
+            self._transport._drop(conn)
 
     async def aclose(self) -> None:
         """Before the end of the body: close the connection (it is never reused)."""
         self._drop()
 
 
-async def _receive(conn: _Connection, request: httpx.Request) -> bytes:
+async def _receive(conn: _Connection, request: httpx.Request | None) -> bytes:
     try:
         return await conn.receive()
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
