@@ -932,27 +932,18 @@ class TaskStore:
             self._tell_trio([], [], True)
         return ops, stopping
 
-    def _write(self, batch: list[tuple[Any, ...]]) -> None:
+    def _transaction(
+        self, batch: list[tuple[Any, ...]], body: Callable[[sqlite3.Connection], None]
+    ) -> bool:
+        """Run `body` in one write transaction. On a database error the transaction is rolled
+        back, `batch` goes to `_failed` (kept for a retry) and the result is False."""
         conn = self._writer
         assert conn is not None
-        new_rowids: dict[str, int] = {}
-        ended: list[_Ended] = []
         try:
             with self._mem_lock if self._memory else contextlib.nullcontext():
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    if self._inbox_rows:  # first, so that the batch's updates find the rows
-                        conn.execute(MOVE_INBOX)
-                        conn.execute("DELETE FROM inbox")
-                    pending = _Pending()
-                    for op in batch:
-                        try:
-                            self._apply(conn, op, new_rowids, ended, pending)
-                        except Exception as exc:
-                            if _is_disk_error(exc):
-                                raise
-                            self._skipped(op, exc)  # one bad record never blocks the others
-                    self._write_pending(conn, pending)
+                    body(conn)
                     conn.execute("COMMIT")
                 except BaseException:
                     with contextlib.suppress(sqlite3.Error):
@@ -960,15 +951,37 @@ class TaskStore:
                     raise
         except sqlite3.DatabaseError as exc:
             self._failed(batch, exc)
+            return False
+        if self._failing:
+            self._failing = False
+            self._last_error_log = None
+            log.warning("task store: writing to %s again; kept operations written", self.path)
+        return True
+
+    def _write(self, batch: list[tuple[Any, ...]]) -> None:
+        new_rowids: dict[str, int] = {}
+        ended: list[_Ended] = []
+
+        def body(conn: sqlite3.Connection) -> None:
+            if self._inbox_rows:  # first, so that the batch's updates find the rows
+                conn.execute(MOVE_INBOX)
+                conn.execute("DELETE FROM inbox")
+            pending = _Pending()
+            for op in batch:
+                try:
+                    self._apply(conn, op, new_rowids, ended, pending)
+                except Exception as exc:
+                    if _is_disk_error(exc):
+                        raise
+                    self._skipped(op, exc)  # one bad record never blocks the others
+            self._write_pending(conn, pending)
+
+        if not self._transaction(batch, body):
             return
         self._inbox_rows = 0
         self._rowids.update(new_rowids)
         for e in ended:
             self._rowids.pop(e.session_id, None)
-        if self._failing:
-            self._failing = False
-            self._last_error_log = None
-            log.warning("task store: writing to %s again; kept operations written", self.path)
         self._tell_trio(_events(batch), ended, False)
         if self._inserted_since_prune >= 1000:
             self._inserted_since_prune = 0
@@ -993,40 +1006,28 @@ class TaskStore:
         """Commit task rows somebody waits for (before their ACK) into the inbox: a table
         without secondary indexes, so the transaction is one or two WAL pages. The next
         `_write` moves them into `tasks` (crash recovery at start does it after a crash)."""
-        conn = self._writer
-        assert conn is not None
         new_rowids: dict[str, int] = {}
         last_id = self._last_id
-        try:
-            with self._mem_lock if self._memory else contextlib.nullcontext():
-                conn.execute("BEGIN IMMEDIATE")
+
+        def body(conn: sqlite3.Connection) -> None:
+            nonlocal last_id
+            for op in accepted:
                 try:
-                    for op in accepted:
-                        try:
-                            conn.execute(INSERT_INBOX, self._task_values(last_id + 1, op[1]))
-                        except Exception as exc:
-                            if _is_disk_error(exc):
-                                raise
-                            self._skipped(op, exc)
-                        else:
-                            last_id += 1
-                            new_rowids[op[1].session_id] = last_id
-                    conn.execute("COMMIT")
-                except BaseException:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
-                    raise
-        except sqlite3.DatabaseError as exc:
-            self._failed(accepted, exc)
+                    conn.execute(INSERT_INBOX, self._task_values(last_id + 1, op[1]))
+                except Exception as exc:
+                    if _is_disk_error(exc):
+                        raise
+                    self._skipped(op, exc)
+                else:
+                    last_id += 1
+                    new_rowids[op[1].session_id] = last_id
+
+        if not self._transaction(accepted, body):
             return
         self._last_id = last_id
         self._inbox_rows += len(new_rowids)
         self._inserted_since_prune += len(new_rowids)
         self._rowids.update(new_rowids)
-        if self._failing:
-            self._failing = False
-            self._last_error_log = None
-            log.warning("task store: writing to %s again; kept operations written", self.path)
         self._tell_trio([op[-1] for op in accepted], [], False)
 
     def _write_pending(self, conn: sqlite3.Connection, pending: _Pending) -> None:
