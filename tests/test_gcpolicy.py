@@ -28,10 +28,16 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 
+pytestmark = pytest.mark.skipif(
+    not _gcpolicy.APPLIES, reason="CPython 3.14+: incremental collector, no hook"
+)
+
+
 @pytest.fixture
 def policy() -> Iterator[_gcpolicy.FreezeSurvivors]:
     gc.collect()
     hook = _gcpolicy.install()
+    assert hook is not None
     try:
         yield hook
     finally:

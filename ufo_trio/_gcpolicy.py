@@ -23,6 +23,7 @@ Installed once by `python -m ufo_trio` (`_cli.run_serve`) after start-up, right 
 from __future__ import annotations
 
 import gc
+import sys
 from typing import Any, Final
 
 #: Thaw once the frozen objects beyond the start-up set have grown to this many times what they
@@ -63,16 +64,24 @@ class FreezeSurvivors:
             self.thaws += 1
 
 
-def install() -> FreezeSurvivors:
-    """Freeze what exists now and install the policy (idempotent per process is not needed:
-    `python -m ufo_trio` calls it once)."""
+#: CPython 3.14's collector is incremental (a young generation plus increments of the old one),
+#: so no single pass rescans the whole heap and generation-2 callbacks mean something else: the
+#: hook is for the generational collector of 3.11-3.13 only.
+APPLIES: Final = sys.version_info < (3, 14)
+
+
+def install() -> FreezeSurvivors | None:
+    """Freeze what exists now (everything start-up made) and, where it applies, install the
+    hook. `python -m ufo_trio` calls it once."""
     gc.freeze()
+    if not APPLIES:
+        return None
     hook = FreezeSurvivors()
     gc.callbacks.append(hook)
     return hook
 
 
-def uninstall(hook: FreezeSurvivors) -> None:
+def uninstall(hook: FreezeSurvivors | None) -> None:
     """Remove the hook and thaw everything (tests; a process that embeds the server)."""
     if hook in gc.callbacks:
         gc.callbacks.remove(hook)
