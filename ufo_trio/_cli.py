@@ -7,7 +7,6 @@ a flag on the command line wins over the environment. User errors print one line
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import signal
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
+from . import _gcpolicy
 from ._config import (
     DB_MAX_RESULT_BYTES,
     DB_MAX_TASKS,
@@ -274,8 +274,9 @@ async def _serve_until_signalled(config: ServerConfig) -> int:
                 return 1
             print(_startup_line(server), flush=True)
             # Everything imported so far lives as long as the process: keep it out of every
-            # future garbage collection pass (they otherwise rescan it on each full collection).
-            gc.freeze()
+            # future garbage collection pass, and from now on freeze the survivors of each full
+            # collection, thawing when the frozen set doubles (_gcpolicy, docs/performance.md).
+            _gcpolicy.install()
 
             async def watch_signals() -> None:
                 log = logging.getLogger("ufo_trio")
