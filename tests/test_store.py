@@ -1024,3 +1024,52 @@ async def test_no_limits_keeps_everything(tmp_path: Path) -> None:
 
 def test_logger_name() -> None:
     assert logging.getLogger("ufo_trio.store").parent is logging.getLogger("ufo_trio")
+
+
+class _SlowReads(sqlite3.Connection):
+    """A read connection whose next read, once armed, takes 0.5 s (a busy disk, a big page)."""
+
+    armed = threading.Event()
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:  # type: ignore[override]
+        if sql.startswith(("SAVEPOINT", "SELECT")) and self.armed.is_set():
+            self.armed.clear()
+            threading.Event().wait(0.5)  # a real thread's wait: the reader is a worker thread
+        return super().execute(sql, *args)
+
+
+async def test_a_session_id_reused_by_the_next_task_never_shows_the_old_outcome(
+    tmp_path: Path,
+) -> None:
+    """SESS-1 lets a requester reuse an ended session's id for its next task. While a read is
+    in flight the store keeps the old task's outcome in memory (the overlay); the new task,
+    still running, must not be reported with it: /api/task_result of the new name is
+    pending and /api/tasks/{id} shows the new task running."""
+    connect = partial(sqlite3.connect, factory=_SlowReads)
+    first = record("S", "task-a")
+    async with opened(tmp_path / "reuse.db", connect=connect) as store:
+        await store.task_accepted(first)
+        store.task_acked("S", first.created_at)
+        await store.flush()
+        async with trio.open_nursery() as nursery:
+            _SlowReads.armed.set()
+            nursery.start_soon(store.task_detail, "S")  # a read in flight across the commit
+            await trio.sleep(0.05)
+            await store.task_ended(
+                "S", "completed", None, {"old": 1}, first.created_at,
+                task_name="task-a", created_at=first.created_at,
+            )  # fmt: skip
+            second = record("S", "task-b", created_at=ago(-1 / 86400))  # a second later
+            await store.task_accepted(second)  # committed with the first task's outcome
+            assert await store.task_result("task-b") == {"status": "pending"}
+            detail = await store.task_detail("S")
+            assert detail is not None
+            assert (detail["task_name"], detail["status"], detail["result"]) == (
+                "task-b", "running", None,
+            )  # fmt: skip
+            listing = await store.list_tasks(TaskQuery())
+            assert [(t["task_name"], t["status"]) for t in listing["tasks"]] == [
+                ("task-b", "running"),
+                ("task-a", "completed"),
+            ]
+            assert await store.task_result("task-a") == {"status": "done", "result": {"old": 1}}

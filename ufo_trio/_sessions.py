@@ -565,6 +565,7 @@ class SessionManager:
                 result,
                 finished_at,
                 task_name=session.task_name,
+                created_at=session.started_at,
             )
         log.info(
             "session %s ended: %s%s",

@@ -155,6 +155,9 @@ class _Ended:
     error: str | None
     result: Any
     ended_at: str
+    #: The task's `created_at`: a later task may reuse its session id (SESS-1) or its name, and
+    #: the overlay must not lend this outcome to that task's row.
+    created_at: str | None = None
 
 
 class _Wake:
@@ -636,9 +639,12 @@ class TaskStore:
         at: str,
         *,
         task_name: str | None = None,
+        created_at: str | None = None,
     ) -> None:
-        """The outcome (status `completed`/`failed`). Never dropped; readable at once."""
-        ended = _Ended(session_id, task_name, status, error, result, at)
+        """The outcome (status `completed`/`failed`). Never dropped; readable at once.
+        `created_at` (the task row's) keeps this outcome off a later task that reuses the
+        session id or the name before the outcome is committed."""
+        ended = _Ended(session_id, task_name, status, error, result, at, created_at)
         self._pending_ends[session_id] = ended
         if task_name is not None:
             self._pending_names[task_name] = ended
@@ -1395,7 +1401,7 @@ class TaskStore:
         """A row as it will be once the queued outcome of its session is committed."""
         if row["status"] == "running":
             ended = self._pending_ends.get(row["session_id"])
-            if ended is not None:
+            if ended is not None and ended.created_at in (None, row.get("created_at")):
                 row.update(status=ended.status, error=ended.error, ended_at=ended.ended_at)
                 if "result" in row:
                     row["result"] = from_json(encode_result(ended.result, self.max_result_bytes))

@@ -454,10 +454,18 @@ def select_detail(conn: sqlite3.Connection, session_id: str) -> dict[str, Any] |
 
 
 def select_by_name(conn: sqlite3.Connection, task_name: str) -> dict[str, Any] | None:
-    row = _latest(conn, "session_id, status, error, result", "task_name = ?", task_name)
+    row = _latest(
+        conn, "session_id, status, error, result, created_at", "task_name = ?", task_name
+    )
     if row is None:
         return None
-    return {"session_id": row[1], "status": row[2], "error": row[3], "result": from_json(row[4])}
+    return {
+        "session_id": row[1],
+        "status": row[2],
+        "error": row[3],
+        "result": from_json(row[4]),
+        "created_at": row[5],
+    }
 
 
 def select_devices(conn: sqlite3.Connection) -> list[dict[str, Any]]:
