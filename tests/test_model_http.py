@@ -22,7 +22,7 @@ import trio
 import trio.testing
 import trustme
 
-from ufo_trio._llm import LlmSettings, ModelError, OpenAIChatModel
+from ufo_trio._llm import MAX_RESPONSE_BYTES, LlmSettings, ModelError, OpenAIChatModel
 from ufo_trio._model_http import ModelTransport
 
 if TYPE_CHECKING:
@@ -235,10 +235,93 @@ async def test_a_fresh_connection_closed_without_an_answer_is_not_retried_by_the
                     await model.complete(MESSAGES, [])
         assert caught.value.retryable
         assert caught.value.message == (
-            f"cannot reach the model server at {server.url()}/chat/completions "
-            "(RemoteProtocolError); check --llm-base-url and that the server is running"
+            f"the model server at {server.url()}/chat/completions dropped the connection "
+            "before a complete answer (RemoteProtocolError); check the model server"
         )
         assert len(server.requests) == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_request_the_server_read_is_never_sent_again_on_a_reused_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The second call on a kept-alive connection: the server reads the whole POST, works on it
+    for 60 s and dies without answering. The transport must not POST it again on a new
+    connection (the model would run it twice): the call fails, retryable, and the server saw
+    the request once. (The agent's retry policy then decides, logged and counted.)"""
+
+    async def answer(seen: Seen, stream: Any) -> bool:
+        if len(server.requests) == 2:
+            await trio.sleep(60)
+            return False  # close without a byte of answer
+        await stream.send_all(with_length(reply_body("first")))
+        return True
+
+    async with trio.open_nursery() as nursery:
+        server = await ModelServer(answer).start(nursery)
+        async with OpenAIChatModel(settings_for(server.url())) as model:
+            await model.complete(MESSAGES, [])
+            started = trio.current_time()
+            with pytest.raises(ModelError) as caught:
+                await model.complete(MESSAGES, [])
+            assert trio.current_time() - started == 60
+        assert caught.value.retryable
+        assert "dropped the connection before a complete answer" in caught.value.message
+        assert len(server.requests) == 2
+        assert server.connections == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_idle_connection_with_an_unasked_408_is_not_reused(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Some servers and proxies answer an idle keep-alive timeout with `408 Request Timeout`
+    and close. The next call must not take that 408 as its own answer: the connection is
+    dropped before reuse and the call goes out on a fresh one."""
+
+    async def answer(seen: Seen, stream: Any) -> bool:
+        if len(server.requests) == 1:
+            await stream.send_all(with_length(reply_body("first")))
+            await trio.sleep(5)  # the server's idle timeout
+            await stream.send_all(
+                with_length(b'{"error":{"message":"idle timeout"}}', status="408 Request Timeout")
+            )
+            return False
+        await stream.send_all(with_length(reply_body("second")))
+        return True
+
+    async with trio.open_nursery() as nursery:
+        server = await ModelServer(answer).start(nursery)
+        async with OpenAIChatModel(settings_for(server.url())) as model:
+            await model.complete(MESSAGES, [])
+            await trio.sleep(10)  # within the 30 s keep-alive
+            reply = await model.complete(MESSAGES, [])
+        assert reply.content == "second"
+        assert len(server.requests) == 2
+        assert server.connections == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_gzip_answer_is_bounded_after_decoding() -> None:
+    """The answer limit applies to the decoded body: 20 MiB of JSON sent gzip'd (~20 KiB on
+    the wire) is refused with a clear `llm agent` error, not inflated into memory whole."""
+    head = json.dumps({"choices": [{"message": {"role": "assistant", "content": "x"}}]})
+    body = (head[:-1] + ',"pad":"' + "a" * (20 * 1024 * 1024) + '"}').encode()
+    wire = gzip.compress(body)
+    assert len(wire) < MAX_RESPONSE_BYTES < len(body)
+
+    async def answer(seen: Seen, stream: Any) -> bool:
+        await stream.send_all(with_length(wire, "content-encoding: gzip"))
+        return True
+
+    async with trio.open_nursery() as nursery:
+        server = await ModelServer(answer).start(nursery)
+        async with OpenAIChatModel(settings_for(server.url())) as model:
+            with trio.fail_after(WAIT), pytest.raises(ModelError) as caught:
+                await model.complete(MESSAGES, [])
+        assert caught.value.message == (
+            f"the model server's answer is larger than {MAX_RESPONSE_BYTES} bytes once decoded"
+        )
         nursery.cancel_scope.cancel()
 
 

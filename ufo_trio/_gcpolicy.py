@@ -12,9 +12,10 @@ The policy: after each full collection, its survivors move to the permanent gene
 cyclic garbage among frozen objects is not collected while they stay frozen (objects freed by
 reference counting, i.e. almost all of them, go at once, frozen or not). So the frozen set is
 thawed (`gc.unfreeze()`) whenever it has doubled since the last thaw: the next full pass then
-scans everything once, collects such garbage, and freezes the survivors again. Leaked cycles can
-thus never hold more than the live heap; a fleet that grows pays one full-size pass per doubling
-instead of one per quarter.
+scans everything once, collects such garbage, and freezes the survivors again. Dead cycles held
+frozen are thus bounded by about the frozen set after the last thaw (the peak live heap since
+then, at least `THAW_MIN_OBJECTS`), never unbounded; a fleet that grows pays one full-size pass
+per doubling instead of one per quarter.
 
 Installed once by `python -m ufo_trio` (`_cli.run_serve`) after start-up, right after the first
 `gc.freeze()` of everything imported. A `gc.callbacks` hook, no task.

@@ -40,7 +40,7 @@ from ._messages import Command, Result, ResultStatus, ToolType
 from ._metrics import Metrics, NullMetrics
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Iterable, Iterator, Mapping
     from types import TracebackType
 
     import httpx
@@ -170,7 +170,11 @@ class ModelReply:
         message: dict[str, Any] = {"role": "assistant", "content": self.content}
         if self.tool_calls:
             message["tool_calls"] = [
-                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments},
+                }
                 for c in self.tool_calls
             ]
         return message
@@ -463,7 +467,7 @@ class OpenAIChatModel:
                 # path); h11 gives header names in lower case.
                 headers = httpx.Headers(raw)
                 if "content-encoding" in headers:
-                    data = httpx.Response(status, headers=headers, content=data).content
+                    data = _decoded(status, headers, data)
             else:
                 return parse_reply(data)
         except ResponseTooLarge:
@@ -477,6 +481,14 @@ class OpenAIChatModel:
     def _http_error(self, exc: httpx.HTTPError) -> ModelError:
         import httpx
 
+        if isinstance(exc, (httpx.ReadError, httpx.RemoteProtocolError)):
+            # The request went out; the answer did not come back whole (the server crashed or
+            # restarted mid-answer, or something between cut the connection).
+            return ModelError(
+                f"the model server at {self.settings.shown_endpoint} dropped the connection "
+                f"before a complete answer ({type(exc).__name__}); check the model server",
+                retryable=True,
+            )
         if isinstance(exc, httpx.TransportError):
             return ModelError(
                 f"cannot reach the model server at {self.settings.shown_endpoint} "
@@ -554,6 +566,32 @@ class OpenAIChatModel:
                 "check --llm-base-url (usually ending in /v1) and --llm-model"
             )
         raise ModelError(f"the model server rejected the request (HTTP {status}{detail})")
+
+
+#: Encoded bytes handed to httpx's decoder at a time: a gzip/deflate piece of this size inflates
+#: to a few MiB at most, so the bound below is checked before memory runs away.
+_DECODE_PIECE: Final = 4096
+
+
+def _decoded(status: int, headers: httpx.Headers, data: bytes) -> bytes:
+    """The body decoded by httpx (gzip, deflate, ...), at most `MAX_RESPONSE_BYTES` of it: the
+    limit applies to the answer as parsed, not to its compressed size."""
+    import httpx
+
+    class Pieces(httpx.SyncByteStream):
+        def __iter__(self) -> Iterator[bytes]:
+            for i in range(0, len(data), _DECODE_PIECE):
+                yield data[i : i + _DECODE_PIECE]
+
+    response = httpx.Response(status, headers=headers, stream=Pieces())
+    out = bytearray()
+    for chunk in response.iter_bytes():
+        out += chunk
+        if len(out) > MAX_RESPONSE_BYTES:
+            raise ModelError(
+                f"the model server's answer is larger than {MAX_RESPONSE_BYTES} bytes once decoded"
+            )
+    return bytes(out)
 
 
 def _transport_reason(exc: httpx.TransportError) -> str:
@@ -711,7 +749,9 @@ def _check_schema(value: Any, schema: Any, where: str, depth: int) -> str | None
             if types is None:
                 ok = True
                 break
-            if isinstance(value, types) and not (kind in ("integer", "number") and type(value) is bool):
+            if isinstance(value, types) and not (
+                kind in ("integer", "number") and type(value) is bool
+            ):
                 ok = True
                 break
             if kind == "integer" and type(value) is float and value.is_integer():
@@ -859,7 +899,11 @@ class LlmAgent:
         return {
             "content": None if reply.content is None else _cut(self._scrub(reply.content), limit),
             "tool_calls": [
-                {"id": c.id, "name": c.name[:80], "arguments": _cut(self._scrub(c.arguments), limit)}
+                {
+                    "id": c.id,
+                    "name": c.name[:80],
+                    "arguments": _cut(self._scrub(c.arguments), limit),
+                }
                 for c in reply.tool_calls
             ],
             "prompt_tokens": reply.prompt_tokens,
@@ -1010,7 +1054,9 @@ class LlmAgent:
             if masked is not text:
                 value = text = masked
         shown_error = "null" if error is None else _dumps(error and self._scrub(error))
-        content = _cut(f'{{"status":{_dumps(status)},"error":{shown_error},"result":{text}}}', limit)
+        content = _cut(
+            f'{{"status":{_dumps(status)},"error":{shown_error},"result":{text}}}', limit
+        )
         cut = _cut(text, limit)
         return content, value if cut is text else cut
 
@@ -1114,7 +1160,6 @@ class LlmAgentFactory:
     def __call__(self, platform: str) -> Agent:
         agent = LlmAgent(self.settings, self.model, self.metrics)
         return AutoAgent(agent) if self.auto else agent
-
 
 
 def build_agent(

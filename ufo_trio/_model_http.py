@@ -14,8 +14,11 @@ per-request poll of the idle connections.
   requests beyond that wait (FIFO) for a free one. Bookkeeping is O(1) per request: the idle
   connections of an origin are a stack (the most recently used is reused first), expired ones
   (`keepalive_expiry`) are closed when met.
-* A reused connection the server closed while it was idle (EOF or reset before any byte of the
-  response) is retried once on a fresh connection.
+* An idle connection that has become readable before its reuse (the server closed it, or sent
+  something nobody asked for, such as a `408 Request Timeout`) is closed, not reused. A reused
+  connection whose request cannot be written is retried once on a fresh connection. Once a
+  request is written it is never sent again here: the server may be working on it, and a POST
+  is not idempotent. The agent's retry policy decides (logged and counted).
 * Request head and body go out in one send; the response body is an
   `httpx.AsyncByteStream`, so httpx still decodes gzip/deflate. A connection goes back to the
   pool only when its response was read to the end and both sides may go on; anything else
@@ -37,6 +40,7 @@ Owned by `OpenAIChatModel` (`async with model:`), itself owned by `Server.run`.
 from __future__ import annotations
 
 import os
+import select
 from collections import deque
 from typing import TYPE_CHECKING, Final
 
@@ -110,6 +114,15 @@ class _Connection:
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self.socket)
 
+    def readable(self) -> bool:
+        """Whether the socket has bytes or EOF waiting (a zero-timeout poll; idle connections
+        only, where nothing should arrive)."""
+        try:
+            ready, _, _ = select.select([self.socket.fileno()], [], [], 0)
+        except (OSError, ValueError):  # closed under us: not reusable either
+            return True
+        return bool(ready)
+
     def close(self) -> None:
         """Close the socket now (no TLS close_notify: the peer sees FIN). Never blocks."""
         self.socket.close()
@@ -127,7 +140,8 @@ def _host_header(origin: Origin) -> bytes:
 
 
 class _Stale(Exception):
-    """A reused connection was closed by the server before any byte of the response."""
+    """A reused connection could not take the request (the write failed): nothing was sent,
+    so the request may go out once more on a fresh connection."""
 
 
 class ModelTransport(httpx.AsyncBaseTransport):
@@ -167,13 +181,19 @@ class ModelTransport(httpx.AsyncBaseTransport):
         idle = self._idle.get(origin)
         if not idle:
             return None
-        conn = idle.pop()
-        if trio.current_time() - conn.idle_since < self.keepalive_expiry:
-            return conn
-        # The newest idle connection expired, so did all older ones.
-        self._discard(conn)
         while idle:
-            self._discard(idle.pop())
+            conn = idle.pop()
+            if trio.current_time() - conn.idle_since >= self.keepalive_expiry:
+                # The newest idle connection expired, so did all older ones.
+                self._discard(conn)
+                while idle:
+                    self._discard(idle.pop())
+                return None
+            if not conn.readable():
+                return conn
+            # Bytes or EOF on an idle connection: the server closed it or sent something
+            # unasked (a 408); either way it cannot carry this request.
+            self._discard(conn)
         return None
 
     def _release(self, conn: _Connection) -> None:
@@ -419,22 +439,18 @@ class ModelTransport(httpx.AsyncBaseTransport):
                     "Server disconnected without sending a response.", request=request
                 )
 
-    async def _wait_response_start(
-        self, conn: _Connection, request: httpx.Request | None
-    ) -> None:
+    async def _wait_response_start(self, conn: _Connection, request: httpx.Request | None) -> None:
         """Wait until the first bytes of the response arrived (the model's thinking time).
 
         Everything after this returns is CPU work on the answer; a gate on that work goes
         right after this call."""
+        # The request is written: whatever happens now, it is not sent again here (the
+        # server may have read it and be working on it; see the module docstring).
         try:
             data = await conn.receive(wait=True)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            if conn.reused:
-                raise _Stale from None
             raise httpx.ReadError(_reason(exc), request=request) from None
         if not data:
-            if conn.reused:
-                raise _Stale
             raise httpx.RemoteProtocolError(
                 "Server disconnected without sending a response.", request=request
             )
