@@ -8,7 +8,7 @@ transport"). httpx documents custom transports
 client (its `Request`, `Response`, content decoding and exception types) and replaces only the
 connection handling: a small keep-alive pool of HTTP/1.1 connections spoken with h11 (which the
 server already uses) over trio's socket and SSL streams, with no anyio, no httpcore and no
-per-request poll of the idle connections.
+poll of every idle connection per request (only the one about to be reused is polled).
 
 * One pool per origin (scheme, host, port); at most `max_connections` connections in all,
   requests beyond that wait (FIFO) for a free one. Bookkeeping is O(1) per request: the idle
