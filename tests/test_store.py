@@ -44,6 +44,7 @@ from ufo_trio._store import (
 )
 
 if TYPE_CHECKING:
+    import socket
     from collections.abc import AsyncIterator
     from pathlib import Path
 
@@ -1073,3 +1074,45 @@ async def test_a_session_id_reused_by_the_next_task_never_shows_the_old_outcome(
                 ("task-a", "completed"),
             ]
             assert await store.task_result("task-a") == {"status": "done", "result": {"old": 1}}
+
+
+async def test_a_read_that_finishes_after_the_store_closed_closes_its_connection(
+    tmp_path: Path,
+) -> None:
+    """A read given up at shutdown may finish after the store closed its connections: it must
+    close its own instead of putting it back into a pool nobody closes (one fd per such read)."""
+    used: list[sqlite3.Connection] = []
+
+    def read(conn: sqlite3.Connection) -> int:
+        used.append(conn)
+        return int(conn.execute("SELECT count(*) FROM tasks").fetchone()[0])
+
+    async with opened(tmp_path / "late.db") as store:
+        await store.task_accepted(record("s-1"))
+    # The store has stopped; a late read still runs to its end.
+    assert await trio.to_thread.run_sync(store._in_read_connection, read, ()) == 1
+    with pytest.raises(sqlite3.ProgrammingError):
+        used[0].execute("SELECT 1")  # closed
+    assert store._read_pool == []
+
+
+async def test_a_store_that_cannot_start_leaves_no_writer_and_no_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of file descriptors at start (the writer's wake-up socket pair): the start fails,
+    no writer thread is left running and the file's lock is released, so the next start on
+    the same file works."""
+    import ufo_trio._store as store_module
+
+    def no_fds() -> tuple[socket.socket, socket.socket]:
+        raise OSError(24, "Too many open files")
+
+    path = tmp_path / "fds.db"
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module.socket, "socketpair", no_fds)
+        with pytest.RaisesGroup(OSError, flatten_subgroups=True):
+            async with opened(path):
+                pass  # pragma: no cover
+    assert not [t for t in threading.enumerate() if t.name.startswith("ufo_trio store writer")]
+    async with opened(path) as store:  # the lock was released
+        await store.task_accepted(record("s-2"))

@@ -260,6 +260,8 @@ class TaskStore:
         self._room = trio.Event()
         self._read_limiter = trio.CapacityLimiter(read_threads)
         self._read_pool: list[sqlite3.Connection] = []
+        #: Set once the connections are closed: a read that finishes later closes its own.
+        self._pool_closed = False
         self._pool_lock = threading.Lock()
         # Writer → Trio notifications (`_tell_trio`, `_dispatch`).
         self._tell_lock = threading.Lock()
@@ -353,12 +355,17 @@ class TaskStore:
             self._close_connections()
             self._release_lock()
             raise
+        try:  # before the writer starts: nothing to stop if this fails (e.g. out of fds)
+            self._tell_receive, self._tell_send = socket.socketpair()
+        except OSError:
+            self._close_connections()
+            self._release_lock()
+            raise
         thread = threading.Thread(
             target=self._writer_main, name=f"ufo_trio store writer ({self.path})", daemon=True
         )
         thread.start()
         self._queue.put(("prune",))
-        self._tell_receive, self._tell_send = socket.socketpair()
         try:
             self._tell_receive.setblocking(False)
             self._tell_send.setblocking(False)
@@ -578,6 +585,7 @@ class TaskStore:
     def _close_connections(self) -> None:
         with self._pool_lock:
             pool, self._read_pool = self._read_pool, []
+            self._pool_closed = True
         # In memory a read abandoned by its caller may still be using the shared connection.
         with self._mem_lock if self._memory else contextlib.nullcontext():
             for conn in [*pool, *([self._writer] if self._writer else [])]:
@@ -1334,7 +1342,10 @@ class TaskStore:
             conn.close()
             raise
         with self._pool_lock:
-            self._read_pool.append(conn)
+            if not self._pool_closed:
+                self._read_pool.append(conn)
+                return result
+        conn.close()  # a read given up at shutdown that finished afterwards: nothing keeps it
         return result
 
     def _encode_cursor(self, created_at: str, task_id: int) -> str:
